@@ -1,0 +1,16 @@
+rule ema:
+    input:
+        train=f"{RUN}/train.json",
+        model=MODEL,
+    output:
+        directory(f"{RUN}/model"),
+    params:
+        cfg=stage_cfg("ema"),
+        run_dir=RUN,
+    log:
+        f"{LOGS}/ema.log",
+    benchmark:
+        f"{BENCH}/ema.tsv"
+    shell:
+        "{PY} -m workflow.ema --config {params.cfg:q} --model {input.model} --run-dir {params.run_dir}"
+        " --out {output} > {log} 2>&1"

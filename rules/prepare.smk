@@ -1,0 +1,12 @@
+rule prepare:
+    output:
+        manifest=f"{DATA}/manifest.json",
+    params:
+        cfg=stage_cfg("prepare"),
+        out=DATA,
+    log:
+        f"logs/data/{CFG.dataset_name}/prepare.log",
+    benchmark:
+        f"benchmarks/data/{CFG.dataset_name}/prepare.tsv"
+    shell:
+        "{PY} -m workflow.prepare --config {params.cfg:q} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,40 @@
+"""The command line every stage shares: `--config FILE|JSON`, `--set key=value`, and its paths."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from .config import Config, ConfigError, load_config
+
+# Errors that are the user's input, not a bug: print one line naming the problem, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def stage_main(
+    stage: str, doc: str | None, argv: list[str] | None, paths: dict[str, str], optional: dict[str, str] | None = None
+) -> tuple[argparse.Namespace, Config]:
+    parser = argparse.ArgumentParser(prog=f"python -m workflow.{stage}", description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--config", default="config.yaml", help="YAML file or inline JSON object")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. train.steps=10")
+    for name, help_text in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", required=True, help=help_text)
+    for name, help_text in (optional or {}).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", help=help_text)
+    args = parser.parse_args(argv)
+    cfg = exit_on_user_error(lambda: load_config(args.config, args.set))
+    return args, cfg
+
+
+def exit_on_user_error(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(main: Callable[[], None]) -> None:
+    """Entry point wrapper: user errors exit 2 with one clear message."""
+    exit_on_user_error(main)

@@ -1,0 +1,220 @@
+"""The experiment configuration: typed, documented, validated in one place.
+
+`config.yaml` is the default experiment; every key below is documented there too. Snakemake and the
+stage modules both go through `load_config`, so a bad key fails the same way everywhere: with the
+key's dotted name and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or of the wrong type; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field("builtin:digits", description="builtin:digits | imagefolder:<dir>")
+    name: str | None = Field(None, description="dataset name used in paths; derived from source")
+    shard_size: int = Field(1000, ge=1, description="samples per prepared shard (latent shards follow)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        scheme = v.split(":", 1)[0]
+        if ":" not in v or scheme not in DATA_SCHEMES:
+            raise ValueError(f"unknown data source {v!r}; expected one of " + ", ".join(f"{s}:..." for s in DATA_SCHEMES))
+        return v
+
+
+DATA_SCHEMES = ("builtin", "imagefolder")
+
+
+class TinyModelConfig(Section):
+    vae_steps: int = Field(250, ge=0, description="optimizer steps fitting builtin:tiny's VAE on the data")
+    vae_batch: int = Field(32, ge=1)
+    seed: int = Field(0, description="seed for the random weights and the VAE fit")
+
+
+class ModelConfig(Section):
+    pretrained: str = Field("builtin:tiny", description="builtin:tiny | builtin:sd15-arch | local folder | Hub id")
+    name: str | None = Field(None, description="model name used in paths; derived from pretrained")
+    revision: str | None = Field(None, description="Hub revision for a Hub id")
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class CacheConfig(Section):
+    resolution: int = Field(32, ge=8, description="images are resized + cropped to this square size")
+    center_crop: bool = True
+    batch_size: int = Field(64, ge=1, description="images per VAE forward")
+
+
+class TrainConfig(Section):
+    mode: Literal["full", "lora"] = "full"
+    steps: int = Field(1500, ge=1, description="optimizer steps")
+    micro_batch: int = Field(64, ge=1, description="samples per rank per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0, description="linear LR warm-up, in optimizer steps")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: Literal[0, 1, 2] = 0
+    procs: int = Field(1, ge=1, description="processes to start on a machine without GPUs")
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
+    caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the null caption")
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    log_every: int = Field(25, ge=1)
+
+
+class EmaConfig(Section):
+    decay: float = Field(0.999, ge=0, lt=1)
+    use: bool = Field(True, description="the merged model holds the EMA weights (else the raw ones)")
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: list(DIGIT_PROMPTS), min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1)
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(4.0, ge=0)
+    batch_size: int = Field(50, ge=1)
+
+
+class Config(Section):
+    run: str = Field("digits-tiny", description="run name: results/runs/<run>/")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    ema: EmaConfig = EmaConfig()
+    sample: SampleConfig = SampleConfig()
+
+    @field_validator("run")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"run name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    # --- derived names (paths are built from these in rules/common.smk and the stages) ---
+    @property
+    def dataset_name(self) -> str:
+        return self.data.name or slug(self.data.source)
+
+    @property
+    def model_name(self) -> str:
+        if self.model.name:
+            return self.model.name
+        if self.model.pretrained == "builtin:tiny":
+            return f"tiny-{self.dataset_name}"  # fitted on this dataset, so it is named after it
+        return slug(self.model.pretrained)
+
+    @property
+    def encoder_key(self) -> str:
+        return f"{self.model_name}_{self.cache.resolution}px"
+
+
+def slug(source: str) -> str:
+    """A short, path-safe name for a data source or model reference."""
+    body = source.split(":", 1)[1] if ":" in source and not Path(source).exists() else source
+    name = Path(body.rstrip("/")).name or body
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "default"
+
+
+# Which config sections each stage reads. Rules pass only these (as params), so changing
+# `train.steps` reruns train and what follows, but not prepare or cache.
+STAGE_KEYS: dict[str, list[str]] = {
+    "prepare": ["data"],
+    "fetch_model": ["data", "model"],
+    "cache": ["data", "model", "cache"],
+    "train": ["run", "data", "model", "cache", "train", "ema"],
+    "ema": ["run", "data", "model", "cache", "train", "ema"],
+    "sample": ["run", "data", "model", "cache", "train", "ema", "sample"],
+}
+
+
+def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
+    full = cfg.model_dump(mode="json")
+    return {k: full[k] for k in STAGE_KEYS[stage]}
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'train.steps': 10} -> {'train': {'steps': 10}}; nested dicts are merged, not replaced."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config key {key!r}: {p!r} is not a section")
+            node = nxt
+        if isinstance(value, dict):
+            value = nest_dotted(value)
+            if isinstance(node.get(parts[-1]), dict):
+                value = deep_merge(node[parts[-1]], value)
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key.sub=value` strings (values parsed as YAML, so 10 is an int and [1,2] a list)."""
+    flat = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        flat[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return flat
+
+
+def validate(raw: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(nest_dotted(raw or {}))
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}{got}")
+        raise ConfigError(f"invalid {origin}:\n" + "\n".join(lines)) from None
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config from a YAML file or an inline JSON object, then apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    origin = "config"
+    if source is not None:
+        text = str(source)
+        if text.lstrip().startswith("{"):
+            raw = json.loads(text)
+        else:
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            raw = yaml.safe_load(path.read_text()) or {}
+            origin = str(path)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    merged = deep_merge(nest_dotted(raw), nest_dotted(parse_overrides(overrides or [])))
+    return validate(merged, origin)

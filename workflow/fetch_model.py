@@ -1,0 +1,94 @@
+"""Stage `fetch_model`: `model.pretrained` -> a diffusers pipeline folder under resources/models/.
+
+  builtin:tiny       built here: CLIP tokenizer learned on the captions, small CLIP text encoder,
+                     AutoencoderKL fitted briefly on the prepared images, random UNet, DDPM scheduler
+  builtin:sd15-arch  Stable Diffusion 1.5's architecture with random weights (for benchmarks)
+  <local folder>     a diffusers folder, used as is (linked, not copied)
+  <org/name>         a Hugging Face Hub id, downloaded with huggingface_hub (needs internet)
+
+    python -m workflow.fetch_model --config config.yaml --data results/data/digits --out resources/models/tiny-digits
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from .cli import run, stage_main
+from .config import Config
+from .fsutil import atomic_dir, read_json, write_json
+from .imaging import center_crop_resize, decode_image, to_tensor
+from .models import REQUIRED_SUBFOLDERS, build_sd15_arch, build_tiny, check_model_dir
+from .shards import iter_shard
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TINY_RESOLUTION = 32
+
+
+def load_prepared(data_dir: Path, resolution: int):
+    """All prepared images (resized) and their first captions; fine for data sets that fit in RAM."""
+    manifest = read_json(data_dir / "manifest.json", "data manifest")
+    images, captions = [], []
+    for shard in manifest["shards"]:
+        for sample in iter_shard(data_dir / shard["name"]):
+            images.append(center_crop_resize(decode_image(sample), resolution))
+            captions.extend(json.loads(sample["json"])["captions"][:1])
+    return to_tensor(images), captions
+
+
+def link_local(src: Path, tmp: Path) -> None:
+    """A folder of links to the user's model: nothing copied, and Snakemake deleting our output
+    before a rerun only removes the links."""
+    for entry in src.iterdir():
+        if entry.name in REQUIRED_SUBFOLDERS or entry.name == "model_index.json":
+            (tmp / entry.name).symlink_to(entry.resolve())
+
+
+def download_hub(repo_id: str, revision: str | None, tmp: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", *(f"{d}/*" for d in REQUIRED_SUBFOLDERS)]
+    try:
+        snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=patterns,
+                          ignore_patterns=["*.bin", "*.ckpt", "*non_ema*", "*.msgpack", "*.onnx*"])
+    except Exception as e:
+        raise ValueError(f"model.pretrained: could not download {repo_id!r} from the Hugging Face Hub: {e}") from e
+
+
+def fetch_model(cfg: Config, out: Path, data_dir: Path | None) -> dict:
+    ref = cfg.model.pretrained
+    started = time.time()
+    report: dict = {"pretrained": ref}
+    with atomic_dir(out) as tmp:
+        if ref == "builtin:tiny":
+            if data_dir is None:
+                raise ValueError("builtin:tiny is fitted on the data set: pass --data <prepared data folder>")
+            images, captions = load_prepared(data_dir, TINY_RESOLUTION)
+            tiny = cfg.model.tiny
+            report |= build_tiny(tmp, images, captions, tiny.vae_steps, tiny.vae_batch, cfg.model.tiny.seed)
+        elif ref == "builtin:sd15-arch":
+            report |= build_sd15_arch(tmp)
+        elif ref.startswith("builtin:"):
+            raise ValueError(f"model.pretrained: unknown builtin model {ref!r}; available: builtin:tiny, builtin:sd15-arch")
+        elif Path(ref).expanduser().exists():
+            link_local(check_model_dir(Path(ref).expanduser()), tmp)
+        elif HUB_ID.match(ref):
+            download_hub(ref, cfg.model.revision, tmp)
+        else:
+            raise FileNotFoundError(f"model.pretrained: {ref!r} is neither a local folder nor a Hub id (org/name)")
+        check_model_dir(tmp)
+        report["seconds"] = round(time.time() - started, 1)
+        write_json(tmp / "fetch.json", report)
+    print(f"fetch_model: {ref} -> {out} {report}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = stage_main("fetch_model", __doc__, argv, {"out": "output model folder"}, {"data": "prepared data folder (builtin:tiny)"})
+    fetch_model(cfg, Path(args.out), Path(args.data) if args.data else None)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,194 @@
+"""Model folders: building the builtin ones, checking and loading any diffusers SD folder.
+
+Every stage loads components through `from_pretrained` on a diffusers pipeline folder, whether it
+is a real Stable Diffusion checkpoint or one that `builtin:tiny` built and saved a moment earlier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A diffusers Stable Diffusion folder, or a clear error naming what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    missing = [d for d in REQUIRED_SUBFOLDERS if not (path / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing {', '.join(d + '/' for d in missing)}")
+    return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+
+
+def load_text_encoder(model_dir: Path, device="cpu", dtype=torch.float32):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+
+
+def load_vae(model_dir: Path, device="cpu", dtype=torch.float32):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval()
+
+
+def load_unet(model_dir: Path, dtype=torch.float32):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+
+
+def load_noise_scheduler(model_dir: Path):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+
+def latent_scaling(vae) -> tuple[float, float]:
+    """(scale, shift) mapping VAE latents to the diffusion model's space: (z - shift) * scale."""
+    return float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device="cpu") -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0]
+
+
+# ---------------------------------------------------------------- builtin:tiny
+
+
+def train_clip_tokenizer(corpus: Iterable[str], max_length: int = 16, vocab_size: int = 1000):
+    """A CLIP BPE tokenizer learned on the captions. Every byte (and byte + end-of-word) is in the
+    vocabulary, so unseen text still tokenizes, as with the real CLIP tokenizer."""
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    scratch = CLIPTokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+    )
+    scratch._tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    merges = [tuple(m) for m in json.loads(scratch._tokenizer.to_str())["model"]["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for tok in SPECIAL_TOKENS + alphabet + [a + "</w>" for a in alphabet] + [a + b for a, b in merges]:
+        vocab.setdefault(tok, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def tiny_components(tokenizer, resolution: int, seed: int) -> dict[str, Any]:
+    """Small SD-style components. The noise schedule reaches (near) zero terminal SNR with
+    v-prediction: SD's scaled_linear schedule leaves visible signal at t=T for 8x8 latents, which
+    makes samples drawn from pure noise miss the training distribution."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        sample_size=resolution, scaling_factor=1.0,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=4, norm_num_groups=32,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=False, timestep_spacing="trailing",
+    )
+    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
+
+
+def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 2e-3, kl_weight: float = 1e-4) -> dict:
+    """Fit the tiny VAE on images in [-1, 1] (N, 3, H, W); then set `scaling_factor` so that the
+    latents the diffusion model sees have unit variance."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    vae.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = torch.nn.functional.mse_loss(rec, x) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:  # cosine decay keeps the last steps from undoing the fit
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+        recon = vae.decode(means[:256]).sample
+    std = float(means.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return {"vae_final_loss": float(loss.detach()), "vae_recon_mse": float(torch.nn.functional.mse_loss(recon, images[:256])), "latent_std": std}
+
+
+def build_tiny(out_dir: Path, images: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int) -> dict:
+    """builtin:tiny: tokenizer learned on the captions, VAE fitted on the images, random UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = train_clip_tokenizer(captions)
+    parts = tiny_components(tokenizer, images.shape[-1], seed)
+    report = fit_vae(parts["vae"], images, steps, batch, seed)
+    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return report
+
+
+def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
+    """builtin:sd15-arch: Stable Diffusion 1.5's architecture with random weights (benchmarks only)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(["a photo of a cat", "a painting of a dog"], max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
+    ))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+    )
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's UNet
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return {}

@@ -1,0 +1,115 @@
+"""Webdataset shard I/O shared by prepare (raw images), cache (latents) and train (reads latents).
+
+A shard is a plain tar that webdataset reads (`key.ext` members grouped by key). Each shard is
+written under a temporary name and renamed when closed; the manifest lists every shard with its
+sample count and sha256, so a reader can tell a finished shard from a leftover.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from .fsutil import sha256_file, tmp_name
+
+
+class AtomicTar:
+    """One tar shard, written under a temporary name and renamed into place by `close()`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = tmp_name(self.path)
+        self.tar = wds.TarWriter(str(self.tmp))
+        self.count = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self.tar.write(sample)
+        self.count += 1
+
+    def close(self) -> dict[str, Any]:
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+        return shard_info(self.path, self.count)
+
+    def abort(self) -> None:
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicTar":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.info = self.close()
+        else:
+            self.abort()
+
+
+class ShardWriter:
+    """Writes samples into `<prefix>-NNNNNN.tar` files of at most `shard_size` samples each."""
+
+    def __init__(self, out_dir: str | Path, prefix: str = "shard", shard_size: int = 1000):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.shard_size = prefix, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self._current: AtomicTar | None = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._current is None:
+            self._current = AtomicTar(self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar")
+        self._current.write(sample)
+        if self._current.count >= self.shard_size:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._current is not None:
+            self.shards.append(self._current.close())
+            self._current = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self._close_shard()
+        elif self._current is not None:
+            self._current.abort()
+
+
+def shard_info(path: Path, count: int) -> dict[str, Any]:
+    return {"name": path.name, "count": count, "sha256": sha256_file(path)}
+
+
+def write_shards(samples: Iterable[dict[str, Any]], out_dir: Path, shard_size: int, prefix: str = "shard") -> list[dict]:
+    with ShardWriter(out_dir, prefix, shard_size) as w:
+        for s in samples:
+            w.write(s)
+    return w.shards
+
+
+def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__` plus bytes per extension) of one shard, in stored order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} does not exist")
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
+    try:
+        yield from pipeline
+    except Exception as e:  # a truncated or corrupt tar: say which shard
+        raise ValueError(f"shard {path} is unreadable: {e}") from e
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
