@@ -30,6 +30,7 @@ class DataConfig(Section):
     source: str = Field("builtin:digits", description="builtin:digits | imagefolder:<dir>")
     name: str | None = Field(None, description="dataset name used in paths; derived from source")
     shard_size: int = Field(1000, ge=1, description="samples per prepared shard (latent shards follow)")
+    strict: bool = Field(False, description="fail on an undecodable or uncaptioned image instead of skipping it")
 
     @field_validator("source")
     @classmethod
@@ -151,10 +152,13 @@ def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
 
 
 def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'train.steps': 10} -> {'train': {'steps': 10}}; nested dicts are merged, not replaced."""
+    """{'train.steps': 10} -> {'train': {'steps': 10}}; nested dicts are merged, not replaced.
+
+    `__` nests too: Snakemake's --config only accepts identifier-like keys, so there the
+    override is written `train__steps=10`."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
-        parts = key.split(".")
+        parts = key.replace("__", ".").split(".")
         node = out
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})

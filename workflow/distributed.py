@@ -42,8 +42,10 @@ def relaunch(module: str, argv: list[str], nprocs: int) -> int:
            "-m", module, *argv]
     env = dict(os.environ)
     if not torch.cuda.is_available():
-        # Each CPU rank gets its share of the cores rather than torchrun's default of one thread.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+        # Split the job's cores (Snakemake sets OMP_NUM_THREADS to the rule's threads) among the
+        # ranks: oversubscribed OpenMP threads spin against each other and slow training ~10x.
+        cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        env["OMP_NUM_THREADS"] = str(max(1, cores // nprocs))
     return subprocess.call(cmd, env=env)
 
 

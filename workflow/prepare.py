@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -68,7 +69,7 @@ def read_imagefolder_metadata(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def imagefolder_samples(root: Path, skipped: list[dict[str, str]]) -> Iterator[dict[str, Any]]:
+def imagefolder_samples(root: Path, skipped: list[dict[str, str]], strict: bool) -> Iterator[dict[str, Any]]:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     for i, row in enumerate(read_imagefolder_metadata(root)):
@@ -88,6 +89,9 @@ def imagefolder_samples(root: Path, skipped: list[dict[str, str]]) -> Iterator[d
             data = path.read_bytes()
             reason = decode_error(data)
         if reason:
+            if strict:
+                raise ValueError(f"{path}: {reason} (data.strict is on)")
+            print(f"prepare: skipped {name}: {reason}", file=sys.stderr)
             skipped.append({"item": name, "reason": reason})
             continue
         meta = {"captions": [str(c) for c in captions], "file_name": name}
@@ -111,7 +115,7 @@ def prepare(cfg: Config, out_dir: Path) -> dict[str, Any]:
             raise ValueError(f"data.source: unknown builtin data set {arg!r}; available: digits")
         samples = digits_samples()
     else:
-        samples = imagefolder_samples(Path(arg).expanduser(), skipped)
+        samples = imagefolder_samples(Path(arg).expanduser(), skipped, cfg.data.strict)
     with atomic_dir(out_dir) as tmp:
         shards = write_shards(samples, tmp, cfg.data.shard_size)
         count = sum(s["count"] for s in shards)

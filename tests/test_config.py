@@ -1,0 +1,63 @@
+import pytest
+
+from workflow.config import Config, ConfigError, load_config, nest_dotted, stage_config
+
+from conftest import REPO
+
+
+def test_default_config_file_matches_typed_defaults():
+    # config.yaml documents every key; it must hold exactly the typed defaults.
+    assert load_config(REPO / "config.yaml") == Config()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.bogus=1", "train.bogus"),
+        ("train.zero_stage=4", "train.zero_stage"),
+        ("train.lr=-1", "train.lr"),
+        ("train.micro_batch=0", "train.micro_batch"),
+        ("train.steps=ten", "train.steps"),
+        ("train.precision=fp8", "train.precision"),
+        ("data.source=s3://bucket", "data.source"),
+        ("run=bad/name", "run"),
+        ("nonsense=1", "nonsense"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "config.yaml", [override])
+    assert f"  {key}:" in str(e.value)
+
+
+def test_overrides_parse_as_yaml_and_merge():
+    cfg = load_config(REPO / "config.yaml", ["train.steps=10", "sample.seeds=[1, 2]", "train.lr=3e-4"])
+    assert cfg.train.steps == 10 and cfg.sample.seeds == [1, 2] and cfg.train.lr == 3e-4
+    assert cfg.train.micro_batch == Config().train.micro_batch  # siblings untouched
+
+
+def test_dotted_keys_merge_into_sections_in_any_order():
+    assert nest_dotted({"train.steps": 5, "train": {"lr": 0.1}}) == {"train": {"steps": 5, "lr": 0.1}}
+    assert nest_dotted({"train": {"lr": 0.1}, "train.steps": 5}) == {"train": {"lr": 0.1, "steps": 5}}
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config("nope.yaml")
+
+
+def test_stage_config_only_carries_what_the_stage_reads():
+    cfg = Config()
+    assert set(stage_config(cfg, "prepare")) == {"data"}
+    assert "sample" not in stage_config(cfg, "train")
+    # a train-only change does not change what cache sees (so cache is not rerun)
+    changed = load_config(REPO / "config.yaml", ["train.steps=7"])
+    assert stage_config(changed, "cache") == stage_config(cfg, "cache")
+    assert stage_config(changed, "train") != stage_config(cfg, "train")
+
+
+def test_derived_names():
+    cfg = load_config(None, ["data.source=imagefolder:/data/my pets/", "model.pretrained=/models/sd15"])
+    assert cfg.dataset_name == "my-pets"
+    assert cfg.model_name == "sd15"
+    assert Config().model_name == "tiny-digits"

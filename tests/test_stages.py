@@ -1,0 +1,145 @@
+"""Each stage on tiny data, called as the rules call it (python -m workflow.<stage>)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from workflow.cache import cache_fingerprint
+from workflow.latents import LatentStream
+
+from conftest import run_stage, tiny_config
+
+
+def test_tiny_model_loads_through_from_pretrained(built):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(built["model"], safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # The tokenizer was learned on the captions but still encodes any text.
+    ids = pipe.tokenizer("a handwritten digit 7, xyz!").input_ids
+    assert pipe.tokenizer.unk_token_id not in ids[1:-1]
+    assert json.loads((built["model"] / "fetch.json").read_text())["latent_std"] > 0
+
+
+def test_local_model_folder_is_used_as_is(built, tmp_path):
+    cfg = tiny_config(f"model.pretrained={built['model']}")
+    out = tmp_path / "linked"
+    run_stage("fetch_model", cfg, "--out", str(out))
+    assert (out / "unet").resolve() == (built["model"] / "unet").resolve()
+
+
+def test_model_folder_without_unet_is_refused(built, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(built["model"], broken)
+    shutil.rmtree(broken / "unet")
+    out = tmp_path / "out"
+    proc = run_stage("fetch_model", tiny_config(f"model.pretrained={broken}"), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "missing unet/" in proc.stderr and str(broken) in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_cache_manifest_and_contents(built):
+    manifest = json.loads((built["latents"] / "manifest.json").read_text())
+    assert manifest["count"] == 1797 and len(manifest["shards"]) == 3
+    assert manifest["latent_shape"] == [4, 8, 8] and manifest["dtype"] == "fp16"
+    assert set(manifest["fingerprint"]) >= {"vae", "text_encoder", "tokenizer", "resolution", "data_manifest", "all"}
+    sample = next(LatentStream(built["latents"], seed=0).samples_from(0))
+    assert sample["mean"].dtype == torch.float16 and sample["mean"].shape == (4, 8, 8)
+    assert sample["std"].min() > 0
+    assert sample["text"].shape == (1, *manifest["text_shape"])
+    assert np.load(built["latents"] / "null_text.npy").shape == tuple(manifest["text_shape"])
+
+
+def test_cache_rerun_reuses_finished_shards(built, tmp_path):
+    out = tmp_path / "latents"
+    shutil.copytree(built["latents"], out)
+    (out / "manifest.json").unlink()
+    (out / "shard-000001.tar").unlink()  # as if killed while writing the second shard
+    run_stage("cache", tiny_config(), "--data", str(built["data"]), "--model", str(built["model"]), "--out", str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reused_shards"] == 2
+    original = json.loads((built["latents"] / "manifest.json").read_text())
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in original["shards"]]
+
+
+def test_stream_is_deterministic_and_split_across_ranks(built):
+    stream = LatentStream(built["latents"], seed=3)
+    one = next(stream.batches(5, micro_batch=4, world_size=1, rank=0, grad_accum=2))
+    again = next(LatentStream(built["latents"], seed=3).batches(5, micro_batch=4, world_size=1, rank=0, grad_accum=2))
+    assert torch.equal(one["mean"], again["mean"])
+    # two ranks with micro-batch 2 see exactly the single rank's micro-batch of 4, split in halves
+    r0 = next(stream.batches(5, micro_batch=2, world_size=2, rank=0, grad_accum=2))
+    r1 = next(stream.batches(5, micro_batch=2, world_size=2, rank=1, grad_accum=2))
+    assert torch.equal(torch.cat([r0["mean"], r1["mean"]]), one["mean"])
+
+
+def test_train_refuses_a_stale_cache(built, tmp_path):
+    cfg = tiny_config("cache.resolution=16")
+    proc = run_stage("train", cfg, "--latents", str(built["latents"]), "--model", str(built["model"]),
+                     "--data", str(built["data"]), "--run-dir", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2 and "resolution" in proc.stderr and "differ" in proc.stderr
+    assert not (tmp_path / "run" / "train.json").exists()
+
+
+def train_args(built, run_dir):
+    return ["--latents", str(built["latents"]), "--model", str(built["model"]), "--data", str(built["data"]),
+            "--run-dir", str(run_dir)]
+
+
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (2, "bf16")])
+def test_two_rank_deepspeed_train_merge_sample(built, tmp_path, zero, precision):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = tiny_config(f"train.zero_stage={zero}", f"train.precision={precision}")
+    run_dir = tmp_path / "run"
+    run_stage("train", cfg, *train_args(built, run_dir))
+    result = json.loads((run_dir / "train.json").read_text())
+    assert result["world_size"] == 2 and result["final_step"] == 4 and result["global_batch"] == 16
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+    assert list((run_dir / "monitor").rglob("*.csv")), "DeepSpeed CSV monitor wrote nothing"
+
+    run_stage("ema", cfg, "--model", str(built["model"]), "--run-dir", str(run_dir), "--out", str(run_dir / "model"))
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "model", safety_checker=None, requires_safety_checker=False)
+    assert (run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run_dir / "model" / "unet_raw").is_dir()
+    trained = pipe.unet.state_dict()["conv_in.weight"]
+    base = StableDiffusionPipeline.from_pretrained(built["model"]).unet.state_dict()["conv_in.weight"]
+    assert not torch.equal(trained, base)
+
+    run_stage("sample", cfg, "--model", str(run_dir / "model"), "--out", str(run_dir / "samples"))
+    metrics = json.loads((run_dir / "samples" / "metrics.json").read_text())
+    assert metrics["images"] == 4 and 0 <= metrics["digit_accuracy"] <= 1
+    assert len(list((run_dir / "samples").glob("p*_s*.png"))) == 4
+
+
+def test_rerun_resumes_from_checkpoint(built, tmp_path):
+    run_dir = tmp_path / "run"
+    run_stage("train", tiny_config("train.steps=2", "train.procs=1"), *train_args(built, run_dir))
+    run_stage("train", tiny_config("train.steps=4", "train.procs=1"), *train_args(built, run_dir))
+    result = json.loads((run_dir / "train.json").read_text())
+    assert result["resumed_from"] == 2 and result["final_step"] == 4
+
+
+def test_checkpoint_from_other_settings_is_not_resumed(built, tmp_path):
+    run_dir = tmp_path / "run"
+    run_stage("train", tiny_config("train.steps=2", "train.procs=1"), *train_args(built, run_dir))
+    proc = run_stage("train", tiny_config("train.steps=4", "train.procs=1", "train.lr=0.5"), *train_args(built, run_dir), check=False)
+    assert proc.returncode == 2 and "different training settings" in proc.stderr
+
+
+def test_sampling_is_deterministic(built, tmp_path):
+    from PIL import Image
+
+    cfg = tiny_config("sample.batch_size=3")
+    for name in ("a", "b"):
+        run_stage("sample", cfg, "--model", str(built["model"]), "--out", str(tmp_path / name))
+    for png in (tmp_path / "a").glob("p*.png"):
+        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "b" / png.name)))
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.width > 2 * 96 and grid.height > 2 * 96
