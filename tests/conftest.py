@@ -37,13 +37,13 @@ def tiny_config(*extra: str) -> Config:
 def run_stage(stage: str, cfg: Config, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m workflow.<stage>` exactly as the rules call it."""
     cmd = [sys.executable, "-m", f"workflow.{stage}", "--config", json.dumps(cfg.model_dump(mode="json")), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=test_env())
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=stage_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"{stage} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def test_env() -> dict[str, str]:
+def stage_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

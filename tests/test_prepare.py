@@ -46,7 +46,7 @@ def test_imagefolder_reports_bad_images_and_missing_captions(tmp_path):
 
     strict = run_stage("prepare", tiny_config(f"data.source=imagefolder:{src}", "data.strict=true"),
                        "--out", str(tmp_path / "strict"), check=False)
-    assert strict.returncode != 0 and "broken.png" in strict.stderr
+    assert strict.returncode == 2 and "nocap.png: no caption" in strict.stderr  # the first bad item, by name
     assert not (tmp_path / "strict").exists()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_OVERRIDES, test_env
+from conftest import REPO, TINY_OVERRIDES, stage_env
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
@@ -16,8 +16,10 @@ def snakemake(workdir: Path, *args: str, overrides=TINY_OVERRIDES) -> subprocess
     # Snakemake's --config keys must be identifiers, so `train.steps=4` is written `train__steps=4`.
     config = [key.replace(".", "__") + "=" + value for key, value in (o.split("=", 1) for o in overrides)]
     cmd = [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(REPO / "config.yaml"), "--cores", "2", *args, "--config", *config]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=test_env())
+           "--configfile", str(REPO / "config.yaml"), "--cores", "2", *args]
+    if config:
+        cmd += ["--config", *config]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=stage_env())
 
 
 def jobs_planned(proc: subprocess.CompletedProcess) -> set[str]:
@@ -62,3 +64,13 @@ def test_full_pipeline_then_reruns_only_what_changed(tmp_path):
     assert forced.returncode == 0, forced.stderr[-5000:]
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] == 4 and result["final_step"] == 6
+
+
+@pytest.mark.slow
+def test_default_config_visibly_learns(tmp_path):
+    """The embedded default (config.yaml as shipped) must reach digit_accuracy >= 0.90."""
+    proc = snakemake(tmp_path, overrides=[])
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    metrics = json.loads((tmp_path / "results" / "runs" / "digits-tiny" / "samples" / "metrics.json").read_text())
+    assert metrics["images"] == 100 and metrics["digit_images_scored"] == 100
+    assert metrics["digit_accuracy"] >= 0.90, metrics

@@ -65,16 +65,16 @@ class CacheConfig(Section):
 
 class TrainConfig(Section):
     mode: Literal["full", "lora"] = "full"
-    steps: int = Field(1500, ge=1, description="optimizer steps")
-    micro_batch: int = Field(64, ge=1, description="samples per rank per micro-step")
+    steps: int = Field(700, ge=1, description="optimizer steps")
+    micro_batch: int = Field(32, ge=1, description="samples per rank per micro-step")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(50, ge=0, description="linear LR warm-up, in optimizer steps")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     zero_stage: Literal[0, 1, 2] = 0
-    procs: int = Field(1, ge=1, description="processes to start on a machine without GPUs")
+    procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
-    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the null caption")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
     log_every: int = Field(25, ge=1)

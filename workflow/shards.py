@@ -24,7 +24,7 @@ class AtomicTar:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = tmp_name(self.path)
-        self.tar = wds.TarWriter(str(self.tmp))
+        self.tar = wds.TarWriter(str(self.tmp), mtime=0)  # fixed mtime: same content, same bytes
         self.count = 0
 
     def write(self, sample: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from .cli import run, stage_main
 from .config import Config
 from .distributed import World, device_for, init_world, launched, procs_wanted, relaunch
 from .ema import EMA
-from .fsutil import read_json, sha256_json, write_json
+from .fsutil import atomic_file, read_json, sha256_json, write_json
 from .latents import LatentStream
 from .models import latent_scaling, load_noise_scheduler, load_unet, load_vae
 
@@ -124,15 +125,27 @@ def latest_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, ema: EMA, fingerprint: str, world: World, keep: int = 2) -> None:
-    """Every rank calls this (DeepSpeed gathers what it needs from each); `latest` names the tag
-    only after all ranks have written, so a half-written checkpoint is never resumed."""
-    engine.save_checkpoint(str(ckpt_dir), tag=checkpoint_tag(step),
+    """Every rank calls this and writes its part. `latest` is pointed at the new tag only after all
+    ranks have finished (barrier), so a checkpoint cut short by a kill is never resumed."""
+    tag = checkpoint_tag(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
                            client_state={"step": step, "ema": ema.state_dict(), "fingerprint": fingerprint})
+    torch.distributed.barrier()
     if world.is_main:
+        # A small readable record, so the launcher can check a resume before starting any rank.
+        write_json(ckpt_dir / tag / "meta.json", {"step": step, "fingerprint": fingerprint})
+        with atomic_file(ckpt_dir / "latest") as f:
+            f.write(tag)
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep]:
-            import shutil
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def check_resumable(cfg: Config, ckpt_dir: Path) -> None:
+    tag = latest_checkpoint(ckpt_dir)
+    if tag and read_json(ckpt_dir / tag / "meta.json", "checkpoint record")["fingerprint"] != training_fingerprint(cfg):
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was made with different training settings; "
+                         f"delete {ckpt_dir} to start fresh, or use a new run name")
 
 
 def check_cache(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path) -> None:
@@ -152,7 +165,6 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_di
     dtype = PRECISION_DTYPES[cfg.train.precision]
     ckpt_dir = run_dir / "checkpoints"
     if world.is_main:
-        check_cache(cfg, latent_dir, model_dir, data_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "monitor").mkdir(exist_ok=True)
 
@@ -174,9 +186,6 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_di
     start_step = 0
     if latest_checkpoint(ckpt_dir):
         _, client = engine.load_checkpoint(str(ckpt_dir))
-        if client.get("fingerprint") != fingerprint:
-            raise ValueError(f"checkpoint in {ckpt_dir} was made with different training settings; "
-                             f"delete {ckpt_dir} to start fresh")
         start_step = client["step"]
         ema.load_state_dict(client["ema"])
         if world.is_main:
@@ -251,12 +260,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = stage_main("train", __doc__, argv, {"latents": "latent cache folder", "model": "model folder", "data": "prepared data folder",
                                                       "run_dir": "run folder (results/runs/<run>)"})
-    nprocs = procs_wanted(cfg.train.procs)
-    if not launched() and nprocs > 1:
-        raise SystemExit(relaunch("workflow.train", argv, nprocs))
     run_dir = Path(args.run_dir)
+    if not launched():  # checked once, before any rank starts, so errors are one clear line
+        check_cache(cfg, Path(args.latents), Path(args.model), Path(args.data))
+        check_resumable(cfg, run_dir / "checkpoints")
+        (run_dir / "train.json").unlink(missing_ok=True)
+        nprocs = procs_wanted(cfg.train.procs)
+        if nprocs > 1:
+            raise SystemExit(relaunch("workflow.train", argv, nprocs))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train.json").unlink(missing_ok=True)
     train(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir)
 
 
