@@ -46,17 +46,17 @@ def test_imagefolder_reports_bad_images_and_missing_captions(tmp_path):
 
     strict = run_stage("prepare", tiny_config(f"data.source=imagefolder:{src}", "data.strict=true"),
                        "--out", str(tmp_path / "strict"), check=False)
-    assert strict.returncode == 2 and "nocap.png: no caption" in strict.stderr  # the first bad item, by name
+    assert strict.returncode == 2 and "broken.png: image does not decode" in strict.stderr  # first bad item, by name
     assert not (tmp_path / "strict").exists()
 
 
 @pytest.mark.parametrize("setup, message", [
     ("missing", "does not exist"),
-    ("no_metadata", "no metadata.jsonl"),
+    ("empty", "holds no images"),
 ])
 def test_imagefolder_errors_leave_nothing(tmp_path, setup, message):
     src = tmp_path / "imgs"
-    if setup == "no_metadata":
+    if setup == "empty":
         src.mkdir()
     out = tmp_path / "data"
     proc = run_stage("prepare", tiny_config(f"data.source=imagefolder:{src}"), "--out", str(out), check=False)

@@ -48,7 +48,7 @@ def test_cache_manifest_and_contents(built):
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["dtype"] == "fp16"
     assert set(manifest["fingerprint"]) >= {"vae", "text_encoder", "tokenizer", "resolution", "data_manifest", "all"}
     sample = next(LatentStream(built["latents"], seed=0).samples_from(0))
-    assert sample["mean"].dtype == torch.float16 and sample["mean"].shape == (4, 8, 8)
+    assert sample["mean"].dtype == torch.float16 and sample["mean"].shape == (1, 4, 8, 8)  # (variants, C, H, W)
     assert sample["std"].min() > 0
     assert sample["text"].shape == (1, *manifest["text_shape"])
     assert np.load(built["latents"] / "null_text.npy").shape == tuple(manifest["text_shape"])

@@ -27,10 +27,13 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: str = Field("builtin:digits", description="builtin:digits | imagefolder:<dir>")
+    source: str = Field("builtin:digits", description="builtin:digits | imagefolder:<dir> | hf:<id or path> | wds:<tars>")
     name: str | None = Field(None, description="dataset name used in paths; derived from source")
     shard_size: int = Field(1000, ge=1, description="samples per prepared shard (latent shards follow)")
     strict: bool = Field(False, description="fail on an undecodable or uncaptioned image instead of skipping it")
+    caption_column: str | None = Field(None, description="caption column/key; default: 'text', else 'caption'")
+    image_column: str | None = Field(None, description="hf: image column; default 'image'")
+    split: str = Field("train", description="hf: the split to use")
 
     @field_validator("source")
     @classmethod
@@ -41,7 +44,7 @@ class DataConfig(Section):
         return v
 
 
-DATA_SCHEMES = ("builtin", "imagefolder")
+DATA_SCHEMES = ("builtin", "imagefolder", "hf", "wds")
 
 
 class TinyModelConfig(Section):
@@ -59,7 +62,9 @@ class ModelConfig(Section):
 
 class CacheConfig(Section):
     resolution: int = Field(32, ge=8, description="images are resized + cropped to this square size")
-    center_crop: bool = True
+    center_crop: bool = Field(True, description="center crop; false: a random crop drawn once per sample from train.seed")
+    random_flip: bool = Field(False, description="also cache the horizontally flipped image; training picks one")
+    procs: int = Field(1, ge=1, description="caching processes on a machine without GPUs; with GPUs: one per GPU")
     batch_size: int = Field(64, ge=1, description="images per VAE forward")
 
 
@@ -139,7 +144,7 @@ def slug(source: str) -> str:
 STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data"],
     "fetch_model": ["data", "model"],
-    "cache": ["data", "model", "cache"],
+    "cache": ["data", "model", "cache", "train.seed"],
     "train": ["run", "data", "model", "cache", "train", "ema"],
     "ema": ["run", "data", "model", "cache", "train", "ema"],
     "sample": ["run", "data", "model", "cache", "train", "ema", "sample"],
@@ -147,8 +152,16 @@ STAGE_KEYS: dict[str, list[str]] = {
 
 
 def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
+    """The sections (or single dotted keys) that `stage` reads, as a nested dict."""
     full = cfg.model_dump(mode="json")
-    return {k: full[k] for k in STAGE_KEYS[stage]}
+    out: dict[str, Any] = {}
+    for path in STAGE_KEYS[stage]:
+        *parents, leaf = path.split(".")
+        src, dst = full, out
+        for p in parents:
+            src, dst = src[p], dst.setdefault(p, {})
+        dst[leaf] = src[leaf]
+    return out
 
 
 def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .cli import run, stage_main
 from .config import Config
 from .fsutil import atomic_dir, read_json, write_json
-from .imaging import center_crop_resize, decode_image, to_tensor
+from .imaging import resize_crop, decode_image, to_tensor
 from .models import REQUIRED_SUBFOLDERS, build_sd15_arch, build_tiny, check_model_dir
 from .shards import iter_shard
 
@@ -33,7 +33,7 @@ def load_prepared(data_dir: Path, resolution: int):
     images, captions = [], []
     for shard in manifest["shards"]:
         for sample in iter_shard(data_dir / shard["name"]):
-            images.append(center_crop_resize(decode_image(sample), resolution))
+            images.append(resize_crop(decode_image(sample), resolution))
             captions.extend(json.loads(sample["json"])["captions"][:1])
     return to_tensor(images), captions
 

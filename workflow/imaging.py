@@ -18,13 +18,17 @@ def decode_image(sample: dict) -> Image.Image:
     raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
 
 
-def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to `size` (high-quality downsampling), then crop the center square."""
+def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:
+    """Resize the short side to `size` (high-quality downsampling), then crop a square: the
+    center, or where `rng` puts it (random crops are drawn once, at cache time)."""
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
     w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
+    if rng is None:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
     return img.crop((left, top, left + size, top + size))
 
 

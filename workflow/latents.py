@@ -76,7 +76,7 @@ def decode_latent_sample(raw: dict) -> dict:
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
+    return {  # mean/std: (batch, variants, C, H, W); variant 1, if cached, is the flipped image
         "mean": torch.stack([s["mean"] for s in samples]).float(),
         "std": torch.stack([s["std"] for s in samples]).float(),
         "texts": [s["text"].float() for s in samples],  # (captions, tokens, dim) each

@@ -27,7 +27,7 @@ class DigitClassifier:
         from sklearn.model_selection import train_test_split
         from sklearn.svm import SVC
 
-        from .prepare import render_digit
+        from .sources import render_digit
 
         digits = load_digits()
         # The real images go through the same render (and 8x8 box-down) as generated ones would.

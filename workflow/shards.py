@@ -18,13 +18,19 @@ import webdataset as wds
 from .fsutil import sha256_file, tmp_name
 
 
+WRITE_BUFFER = 8 << 20
+
+
 class AtomicTar:
     """One tar shard, written under a temporary name and renamed into place by `close()`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = tmp_name(self.path)
-        self.tar = wds.TarWriter(str(self.tmp), mtime=0)  # fixed mtime: same content, same bytes
+        # A large buffer: tarfile writes in small pieces, and each is a syscall on a slow or
+        # sandboxed filesystem. Fixed mtime: the same content gives the same bytes.
+        self.file = open(self.tmp, "wb", buffering=WRITE_BUFFER)
+        self.tar = wds.TarWriter(self.file, mtime=0)
         self.count = 0
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -33,11 +39,15 @@ class AtomicTar:
 
     def close(self) -> dict[str, Any]:
         self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
         os.replace(self.tmp, self.path)
         return shard_info(self.path, self.count)
 
     def abort(self) -> None:
         self.tar.close()
+        self.file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "AtomicTar":

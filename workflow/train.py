@@ -80,8 +80,11 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 
 def diffusion_loss(engine, scheduler, batch: dict, null_text: torch.Tensor, cfg: Config, scaling: tuple[float, float],
                    gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    mean, std = batch["mean"].to(device), batch["std"].to(device)
-    n = mean.shape[0]
+    n, variants = batch["mean"].shape[:2]
+    # Cached flips: each sample uses the original or the flipped latent, half the time each.
+    variant = torch.randint(variants, (n,), generator=gen, device=device).cpu()
+    mean = batch["mean"][torch.arange(n), variant].to(device)
+    std = batch["std"][torch.arange(n), variant].to(device)
     # Latents are drawn from the cached VAE posterior every step, then put in the UNet's space.
     latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
     scale, shift = scaling
