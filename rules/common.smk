@@ -1,6 +1,7 @@
 # Config loading/validation and the paths every rule shares. All logic lives in workflow/.
 import json
 import sys
+from pathlib import Path
 
 from workflow.config import ConfigError, stage_config, validate
 

@@ -1,3 +1,10 @@
+# A Hub data set is downloaded by prepare: then it runs where the internet is (the login node).
+if CFG.data.source.startswith("hf:") and not Path(CFG.data.source[3:]).expanduser().exists():
+
+    localrules:
+        prepare,
+
+
 rule prepare:
     output:
         manifest=f"{DATA}/manifest.json",
