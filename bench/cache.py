@@ -80,7 +80,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-cache-"))
-    cfg = load_config(None, [f"model.pretrained=builtin:sd15-arch", f"data.source=imagefolder:{root / 'jpegs'}",
+    cfg = load_config(None, ["model.pretrained=builtin:sd15-arch", f"data.source=imagefolder:{root / 'jpegs'}",
                              f"data.shard_size={args.shard_size}", f"cache.resolution={args.resolution}",
                              f"cache.batch_size={args.batch}"])
     w, h = (int(v) for v in args.source_size.split("x"))

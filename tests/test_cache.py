@@ -7,7 +7,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from workflow.latents import LatentStream
 from workflow.shards import iter_shard, npy_load

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from workflow.cache import cache_fingerprint
 from workflow.latents import LatentStream
 
 from conftest import run_stage, tiny_config

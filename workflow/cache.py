@@ -28,7 +28,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .cli import run, stage_main
 from .config import Config

@@ -36,9 +36,3 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """RGB PIL images -> (N, 3, H, W) float in [-1, 1]."""
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [-1, 1] -> RGB PIL images."""
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]

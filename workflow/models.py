@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -65,12 +64,6 @@ def load_noise_scheduler(model_dir: Path):
 def latent_scaling(vae) -> tuple[float, float]:
     """(scale, shift) mapping VAE latents to the diffusion model's space: (z - shift) * scale."""
     return float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device="cpu") -> torch.Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(device))[0]
 
 
 # ---------------------------------------------------------------- builtin:tiny
