@@ -142,3 +142,11 @@ def test_sampling_is_deterministic(built, tmp_path):
         assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "b" / png.name)))
     grid = Image.open(tmp_path / "a" / "grid.png")
     assert grid.width > 2 * 96 and grid.height > 2 * 96
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path):
+    # No internet here (and HF_HUB_OFFLINE=1): the real huggingface_hub download path runs and fails.
+    out = tmp_path / "model"
+    proc = run_stage("fetch_model", tiny_config("model.pretrained=some-org/some-model"), "--out", str(out), check=False)
+    assert proc.returncode == 2 and "could not download 'some-org/some-model'" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("model.tmp-*"))
