@@ -54,6 +54,12 @@ def test_stage_config_only_carries_what_the_stage_reads():
     changed = load_config(REPO / "config.yaml", ["train.steps=7"])
     assert stage_config(changed, "cache") == stage_config(cfg, "cache")
     assert stage_config(changed, "train") != stage_config(cfg, "train")
+    # train.seed places random crops, so it reaches the cache stage only when crops are random
+    reseeded = load_config(REPO / "config.yaml", ["train.seed=5"])
+    assert stage_config(reseeded, "cache") == stage_config(cfg, "cache")
+    random_crop = ["cache.center_crop=false"]
+    assert stage_config(load_config(REPO / "config.yaml", random_crop + ["train.seed=5"]), "cache") != \
+        stage_config(load_config(REPO / "config.yaml", random_crop), "cache")
 
 
 def test_derived_names():

@@ -161,6 +161,8 @@ def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
         for p in parents:
             src, dst = src[p], dst.setdefault(p, {})
         dst[leaf] = src[leaf]
+    if stage == "cache" and cfg.cache.center_crop:
+        del out["train"]  # the seed only places random crops: a new seed alone must not recache
     return out
 
 
