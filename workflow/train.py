@@ -59,10 +59,9 @@ def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, A
 
 def training_fingerprint(cfg: Config) -> str:
     """What a checkpoint must share with the config to be resumed (not steps or checkpoint cadence)."""
-    t = cfg.train.model_dump()
-    for free in ("steps", "checkpoint_every", "log_every"):
-        t.pop(free)
-    return sha256_json({"train": t, "ema_decay": cfg.ema.decay, "model": cfg.model.model_dump(), "cache": cfg.cache.model_dump()})
+    t = cfg.train.model_dump(exclude={"steps", "checkpoint_every", "log_every"})
+    cache = cfg.cache.model_dump(exclude={"procs", "batch_size"})  # how latents were computed, not what they are
+    return sha256_json({"train": t, "ema_decay": cfg.ema.decay, "model": cfg.model.model_dump(), "cache": cache})
 
 
 def lr_lambda(cfg: Config):
