@@ -1,7 +1,7 @@
 # deepspeed-diffusers: fine-tune Stable Diffusion-style models with DeepSpeed.
 #   snakemake -n                       what would run
 #   snakemake --cores all              run it here
-#   snakemake --profile profiles/slurm on a Slurm cluster
+#   snakemake --profile profiles/local the same, with the local profile's settings
 # Stages: fetch_model, prepare -> cache -> train -> ema -> sample (one rules/<stage>.smk each).
 
 from snakemake.utils import min_version
