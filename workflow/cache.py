@@ -93,8 +93,8 @@ class LatentEncoder:
         return PendingLatents(out, self.text(captions).half(), 2 if flip else 1, self.device)
 
     def _pinned(self, x: torch.Tensor) -> torch.Tensor:
-        # Two pinned upload buffers, reused alternately: allocating pinned memory per batch costs
-        # more than the copy itself. A buffer is reused only after its batch's results arrived.
+        # Two pinned upload buffers, reused alternately, so a batch is not re-pinned every time.
+        # A buffer is reused only after its batch's results arrived (collect() waits for them).
         key = (tuple(x.shape), self._turn)
         self._turn ^= 1
         if key not in self._upload:
@@ -278,7 +278,9 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
                 bar.update(info["count"])
     bar.close()
 
-    enc = _WORKER.get("enc") or LatentEncoder(model_dir, torch.device("cpu"))
+    # procs == 1 initialised this process's encoder above (always, even with nothing to do);
+    # otherwise the workers held theirs and this process needs one for the null caption.
+    enc = _WORKER["enc"] if procs == 1 else LatentEncoder(model_dir, torch.device("cpu"))
     null_text = enc.captions([""])[0]
     np.save(out_dir / "null_text.npy", null_text)
     shards = [done[s["name"]] for s in data_manifest["shards"]]

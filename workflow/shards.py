@@ -27,8 +27,8 @@ class AtomicTar:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.tmp = tmp_name(self.path)
-        # A large buffer: tarfile writes in small pieces, and each is a syscall on a slow or
-        # sandboxed filesystem. Fixed mtime: the same content gives the same bytes.
+        # A large buffer: tarfile writes in small pieces; on a network filesystem each unbuffered
+        # write is a round trip. Fixed mtime: the same content gives the same bytes.
         self.file = open(self.tmp, "wb", buffering=WRITE_BUFFER)
         self.tar = wds.TarWriter(self.file, mtime=0)
         self.count = 0

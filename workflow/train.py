@@ -80,20 +80,20 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
 def diffusion_loss(engine, scheduler, batch: dict, null_text: torch.Tensor, cfg: Config, scaling: tuple[float, float],
                    gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     n, variants = batch["mean"].shape[:2]
-    # Cached flips: each sample uses the original or the flipped latent, half the time each.
-    variant = torch.randint(variants, (n,), generator=gen, device=device).cpu()
-    mean = batch["mean"][torch.arange(n), variant].to(device)
-    std = batch["std"][torch.arange(n), variant].to(device)
+    # The per-sample choices (flip variant, caption, dropout) are drawn on the device generator and
+    # brought to the host in one transfer: one sync per micro-step, not one per sample.
+    u = torch.rand(n, 3, generator=gen, device=device).cpu()
+    rows = torch.arange(n)
+    variant = (u[:, 0] * variants).long()  # cached flips: original or flipped latent, half each
+    mean = batch["mean"][rows, variant].to(device)
+    std = batch["std"][rows, variant].to(device)
     # Latents are drawn from the cached VAE posterior every step, then put in the UNet's space.
     latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
     scale, shift = scaling
     latents = (latents - shift) * scale
     # One caption per sample (any of its captions); some replaced by the null caption for CFG.
-    texts = []
-    drop = torch.rand(n, generator=gen, device=device) < cfg.train.caption_dropout
-    for i, options in enumerate(batch["texts"]):
-        pick = int(torch.randint(len(options), (1,), generator=gen, device=device))
-        texts.append(null_text if drop[i] else options[pick])
+    texts = [null_text if u[i, 2] < cfg.train.caption_dropout else options[int(u[i, 1] * len(options))]
+             for i, options in enumerate(batch["texts"])]
     text = torch.stack(texts).to(device)
 
     noise = torch.randn(latents.shape, generator=gen, device=device)
@@ -176,7 +176,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_di
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     scaling = latent_scaling(load_vae(model_dir))
     stream = LatentStream(latent_dir, cfg.train.seed)
-    null_text = stream.null_text.to(device)
+    null_text = stream.null_text  # stays on the host, beside the cached caption embeddings it replaces
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=1e-2, fused=device.type == "cuda")
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
