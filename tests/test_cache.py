@@ -65,7 +65,9 @@ def test_killed_cache_reruns_to_the_same_content(built, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reused_shards"] >= 1
     assert not list(out.glob("*.tmp-*")), "a half-written shard was left behind"
-    assert_same_content(built["latents"], out)
+    # Two CPU runs of the same encoder are not always bitwise equal here (seen once in CI: one std
+    # value one fp16 rounding apart), so the rerun shard is compared like the 2-process one.
+    assert_same_content(built["latents"], out, fp16_ulps=1)
 
 
 def test_random_crop_and_flip(built, tmp_path):
