@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from workflow.config import Config, ConfigError, load_config, nest_dotted, stage_config
 
@@ -8,6 +9,14 @@ from conftest import REPO
 def test_default_config_file_matches_typed_defaults():
     # config.yaml documents every key; it must hold exactly the typed defaults.
     assert load_config(REPO / "config.yaml") == Config()
+    written = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert _keys(written) == _keys(Config().model_dump(mode="json")), "config.yaml must list every key"
+
+
+def _keys(node, prefix=""):
+    if isinstance(node, dict) and node:
+        return {k for key, sub in node.items() for k in _keys(sub, f"{prefix}.{key}" if prefix else key)}
+    return {prefix}
 
 
 @pytest.mark.parametrize(

@@ -65,15 +65,12 @@ def test_cache_rerun_reuses_finished_shards(built, tmp_path):
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in original["shards"]]
 
 
-def test_stream_is_deterministic_and_split_across_ranks(built):
-    stream = LatentStream(built["latents"], seed=3)
-    one = next(stream.batches(5, micro_batch=4, world_size=1, rank=0, grad_accum=2))
-    again = next(LatentStream(built["latents"], seed=3).batches(5, micro_batch=4, world_size=1, rank=0, grad_accum=2))
-    assert torch.equal(one["mean"], again["mean"])
-    # two ranks with micro-batch 2 see exactly the single rank's micro-batch of 4, split in halves
-    r0 = next(stream.batches(5, micro_batch=2, world_size=2, rank=0, grad_accum=2))
-    r1 = next(stream.batches(5, micro_batch=2, world_size=2, rank=1, grad_accum=2))
-    assert torch.equal(torch.cat([r0["mean"], r1["mean"]]), one["mean"])
+def test_stream_is_deterministic(built):
+    one = next(LatentStream(built["latents"], seed=3, world_size=2, rank=1).batches(40, micro_batch=4))
+    again = next(LatentStream(built["latents"], seed=3, world_size=2, rank=1).batches(40, micro_batch=4))
+    assert torch.equal(one["mean"], again["mean"]) and torch.equal(one["texts"], again["texts"])
+    other_seed = next(LatentStream(built["latents"], seed=4, world_size=2, rank=1).batches(40, micro_batch=4))
+    assert not torch.equal(one["mean"], other_seed["mean"])
 
 
 def test_train_refuses_a_stale_cache(built, tmp_path):
@@ -123,13 +120,6 @@ def test_rerun_resumes_from_checkpoint(built, tmp_path):
     run_stage("train", tiny_config("train.steps=4", "train.procs=1"), *train_args(built, run_dir))
     result = json.loads((run_dir / "train.json").read_text())
     assert result["resumed_from"] == 2 and result["final_step"] == 4
-
-
-def test_checkpoint_from_other_settings_is_not_resumed(built, tmp_path):
-    run_dir = tmp_path / "run"
-    run_stage("train", tiny_config("train.steps=2", "train.procs=1"), *train_args(built, run_dir))
-    proc = run_stage("train", tiny_config("train.steps=4", "train.procs=1", "train.lr=0.5"), *train_args(built, run_dir), check=False)
-    assert proc.returncode == 2 and "different training settings" in proc.stderr
 
 
 def test_sampling_is_deterministic(built, tmp_path):

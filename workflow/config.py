@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
 
@@ -68,25 +68,122 @@ class CacheConfig(Section):
     batch_size: int = Field(64, ge=1, description="images per VAE forward")
 
 
+# Top-level keys DeepSpeed reads. A key outside this list would be ignored without a word.
+DEEPSPEED_KEYS = {
+    "zero_optimization", "activation_checkpointing", "communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "wall_clock_breakdown", "memory_breakdown", "flops_profiler",
+    "comms_logger", "steps_per_print", "dump_state", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "checkpoint", "data_types", "aio", "timers", "compile", "tensorboard", "csv_monitor", "wandb", "comet",
+    "disable_allgather", "dataloader_drop_last", "gradient_allreduce_op", "log_level", "disable_python_gc",
+    "seq_parallel_communication_data_type", "torch_autocast", "nebula", "elasticity",
+}
+# Set through train.* so that the fingerprint, the data stream and the checks see them.
+OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch", "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch x train.grad_accum x ranks", "gradient_clipping": "train.max_grad_norm",
+    "bf16": "train.precision", "fp16": "train.precision", "amp": "train.precision",
+    "optimizer": "train.lr / train.weight_decay (AdamW)", "scheduler": "train.lr_schedule / train.warmup_steps",
+}
+OWNED_ZERO_KEYS = {"stage": "train.zero_stage", "offload_optimizer": "train.offload_optimizer",
+                   "offload_param": "train.offload_params"}
+
+
+def deepspeed_problems(raw: dict[str, Any], zero_stage: int) -> list[str]:
+    """Raw `train.deepspeed` values that DeepSpeed would take and then not act on."""
+    problems = []
+    for key in raw:
+        if key in OWNED_KEYS:
+            problems.append(f"train.deepspeed.{key}: set {OWNED_KEYS[key]} instead")
+        elif key not in DEEPSPEED_KEYS:
+            problems.append(f"train.deepspeed.{key}: not a DeepSpeed config key (DeepSpeed would ignore it)")
+    zero = raw.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        problems.append("train.deepspeed.zero_optimization: expected a mapping")
+        zero = {}
+    for key in zero:
+        if key in OWNED_ZERO_KEYS:
+            problems.append(f"train.deepspeed.zero_optimization.{key}: set {OWNED_ZERO_KEYS[key]} instead")
+        elif zero_stage == 0:
+            problems.append(f"train.deepspeed.zero_optimization.{key}: has no effect with train.zero_stage 0")
+        elif key.startswith("stage3_") and zero_stage != 3:
+            problems.append(f"train.deepspeed.zero_optimization.{key}: only used by ZeRO stage 3 "
+                            f"(train.zero_stage is {zero_stage})")
+    problems += [f"train.deepspeed.{path}: \"auto\" is only resolved by Hugging Face integrations; give a value"
+                 for path in _auto_values(raw)]
+    return problems
+
+
+def _auto_values(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _auto_values(v, f"{path}.{k}" if path else str(k))]
+    return [path] if node == "auto" else []
+
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; null: equal to rank (scale 1)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                                      description="UNet module names that get adapters (default: attention projections)")
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    project: str = "deepspeed-diffusers"
+    group: str | None = None
+    team: str | None = None
+    mode: Literal["offline", "online"] = Field("offline", description="offline: written to <run>/monitor/wandb, sync later")
+
+
 class TrainConfig(Section):
-    mode: Literal["full", "lora"] = "full"
+    mode: Literal["full", "lora"] = Field("full", description="full: every UNet weight; lora: peft adapters only")
+    lora: LoraConfig = LoraConfig()
     steps: int = Field(700, ge=1, description="optimizer steps")
     micro_batch: int = Field(32, ge=1, description="samples per rank per micro-step")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after warm-up; linear/cosine decay to 0")
     warmup_steps: int = Field(50, ge=0, description="linear LR warm-up, in optimizer steps")
+    weight_decay: float = Field(1e-2, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="cpu: optimizer states + step on the CPU (ZeRO >= 1)")
+    offload_params: Literal["none", "cpu"] = Field("none", description="cpu: parameters on the CPU between uses (ZeRO 3)")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
+    gradient_checkpointing: bool = False
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
-    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="null: the scheduler's")
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting gamma (5.0 is usual); null: off")
+    noise_offset: float = Field(0.0, ge=0)
+    input_perturbation: float = Field(0.0, ge=0)
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the null caption")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept")
+    resume: Literal["auto", "never"] = Field("auto", description="never: delete old checkpoints and start fresh")
+    max_bad_steps: int = Field(10, ge=0, description="micro-steps with a non-finite loss skipped before stopping")
     log_every: int = Field(25, ge=1)
+    wandb: WandbConfig = WandbConfig()
+
+    @model_validator(mode="after")
+    def _deepspeed_would_ignore(self) -> "TrainConfig":
+        # DeepSpeed accepts these combinations and silently does nothing; say so instead.
+        if self.offload_params == "cpu" and self.zero_stage != 3:
+            raise ValueError(f"train.offload_params: cpu needs train.zero_stage 3 (got {self.zero_stage})")
+        if self.offload_optimizer == "cpu" and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer: cpu needs train.zero_stage 1, 2 or 3 (got 0)")
+        problems = deepspeed_problems(self.deepspeed, self.zero_stage)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 class EmaConfig(Section):
-    decay: float = Field(0.999, ge=0, lt=1)
+    decay: float = Field(0.999, ge=0, lt=1, description="EMA decay per optimizer step")
+    warmup: bool = Field(True, description="decay warms up as min(decay, (1 + step) / (10 + step))")
+    offload: Literal["none", "cpu"] = Field("none", description="cpu: keep the EMA (this rank's shard) in host memory")
     use: bool = Field(True, description="the merged model holds the EMA weights (else the raw ones)")
 
 
@@ -213,6 +310,10 @@ def validate(raw: dict[str, Any], origin: str = "config") -> Config:
         lines = []
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+                # A check across several keys of a section: its message names the keys.
+                lines += [f"  {problem}" for problem in str(err["ctx"]["error"]).split("\n")]
+                continue
             got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"  {key}: {msg}{got}")

@@ -1,18 +1,22 @@
 """Process launch and rank geometry.
 
 A stage that runs on several ranks (train) is started once by its rule. If no launcher set RANK,
-it re-executes itself under `torch.distributed.run --standalone` with one process per GPU (or
-`train.procs` processes on a machine without GPUs, using gloo). Under another launcher, the geometry
-comes from its RANK / LOCAL_RANK / WORLD_SIZE.
+it starts itself again as one process per GPU (or `train.procs` processes on a machine without GPUs,
+using gloo), torchrun-style on this host, and waits for them. Under another launcher (srun), the
+geometry comes from its RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,10 +26,19 @@ class World:
     rank: int
     local_rank: int
     size: int
+    control: Any = None  # a gloo group for host-side decisions, so they never wait on the GPU stream
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
 
 
 def procs_wanted(cpu_procs: int) -> int:
@@ -36,17 +49,79 @@ def launched() -> bool:
     return "RANK" in os.environ
 
 
+# Exit code of a rank (and of the stage) that stopped on SIGTERM/SIGUSR1 after saving a checkpoint:
+# "temporary failure, rerun to resume" (EX_TEMPFAIL), distinct from crashes (1) and bad input (2).
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def relaunch(module: str, argv: list[str], nprocs: int) -> int:
-    """Run `python -m module argv` as `nprocs` ranks; returns the launcher's exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
-           "-m", module, *argv]
-    env = dict(os.environ)
+    """Run `python -m module argv` as `nprocs` local ranks and wait for them; returns the exit code.
+
+    Stop signals reach the ranks (forwarded, in case only this process got them), which finish their
+    step, save and exit with EXIT_PREEMPTED. If a rank fails, the others are given a moment to exit
+    and are then killed, since they may be waiting for it in a collective."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nprocs),
+               LOCAL_WORLD_SIZE=str(nprocs))
     if not torch.cuda.is_available():
         # Split the job's cores (Snakemake sets OMP_NUM_THREADS to the rule's threads) among the
         # ranks: oversubscribed OpenMP threads spin against each other and slow training ~10x.
         cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
         env["OMP_NUM_THREADS"] = str(max(1, cores // nprocs))
-    return subprocess.call(cmd, env=env)
+    procs = [subprocess.Popen([sys.executable, "-m", module, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              preexec_fn=_die_with_parent) for r in range(nprocs)]
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (*STOP_SIGNALS, signal.SIGINT)}
+    try:
+        return _wait_all(procs)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _wait_all(procs: list[subprocess.Popen], grace_s: float = 60.0) -> int:
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        codes = [p.returncode for p in procs if p.returncode not in (None, 0, EXIT_PREEMPTED)]
+        if codes and failed_at is None:
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            break
+        time.sleep(0.2)
+    codes = [p.poll() for p in procs]
+    errors = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
+    if errors:
+        return next(c for c in errors if c is not None) if any(c is not None for c in errors) else 1
+    return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
+
+
+def _die_with_parent() -> None:
+    """Linux: a rank gets SIGKILL when the launcher dies, so no orphan holds the GPU or the port."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (Slurm's warning before a time limit or preemption); the training loop
+    checks it once per optimizer step, on every rank, and stops after saving a checkpoint."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
 
 
 def free_port() -> int:
@@ -61,10 +136,12 @@ def init_world() -> World:
 
     if "RANK" not in os.environ:  # a single process that no launcher started
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    world = World(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(world.local_rank)
+        torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    control = torch.distributed.new_group(backend="gloo") if torch.cuda.is_available() and size > 1 else None
+    world = World(rank, local_rank, size, control)
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     return world

@@ -1,15 +1,19 @@
-"""Reading cached latents for training: a deterministic, resumable stream of global batches.
+"""Reading cached latents for training: each rank's disjoint, deterministic, resumable stream.
 
-The order of samples is a pure function of (seed, epoch): shards are permuted per epoch and samples
-permuted within each shard. Optimizer step k consumes global samples [k*G, (k+1)*G) with
-G = micro_batch * world_size * grad_accum, and rank r takes its own micro-batch slice of each. So
-the data a step sees depends only on the step number - resuming needs no saved iterator state, and
-a 1-rank run with the same global batch sees the same samples as an N-rank run.
+Every epoch has one global order of the N cached samples, a pure function of (seed, epoch): shards
+permuted, then samples permuted within each shard. Rank r of W takes the contiguous block
+[r*N//W, (r+1)*N//W) of that order (the N mod W left-over samples sit out that epoch; the next
+epoch's order differs), so ranks never share a sample within an epoch, each reads only about 1/W
+of the shards, and all ranks have epochs of the same length: none runs dry before another, whether
+or not W divides the shard count. A rank's position in its stream is a sample count, so a
+checkpoint resumes it exactly: no iterator state.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -21,49 +25,87 @@ from .shards import iter_shard, npy_load
 
 
 class LatentStream:
-    def __init__(self, latent_dir: Path, seed: int):
+    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0):
         self.dir = Path(latent_dir)
         self.manifest = read_json(self.dir / "manifest.json", "latent cache manifest")
         self.shards = self.manifest["shards"]
         self.count = int(self.manifest["count"])
-        if self.count == 0:
-            raise ValueError(f"latent cache {self.dir} holds no samples")
-        self.seed = seed
+        self.seed, self.world_size, self.rank = seed, world_size, rank
+        self.per_rank = self.count // world_size  # samples per rank per epoch
+        if self.per_rank == 0:
+            raise ValueError(f"latent cache {self.dir} holds {self.count} samples: fewer than the {world_size} ranks")
         self.null_text = torch.from_numpy(np.load(self.dir / "null_text.npy")).float()
+        self._loaded: tuple[tuple[int, int], list[dict]] | None = None
+
+    def epoch_and_offset(self, position: int) -> tuple[int, int]:
+        return divmod(position, self.per_rank)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
 
     def _shard_samples(self, shard_index: int, epoch: int) -> list[dict]:
-        shard = self.shards[shard_index]
-        path = self.dir / shard["name"]
-        samples = list(iter_shard(path))
-        if len(samples) != shard["count"]:
-            raise ValueError(f"latent shard {path} holds {len(samples)} samples, manifest says {shard['count']}")
-        order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(samples))
-        return [samples[i] for i in order]
+        """One shard's raw samples in this epoch's order (the last shard read is kept)."""
+        if self._loaded is None or self._loaded[0] != (shard_index, epoch):
+            shard = self.shards[shard_index]
+            path = self.dir / shard["name"]
+            samples = list(iter_shard(path))
+            if len(samples) != shard["count"]:
+                raise ValueError(f"latent shard {path} holds {len(samples)} samples, manifest says {shard['count']}")
+            order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(samples))
+            self._loaded = ((shard_index, epoch), [samples[i] for i in order])
+        return self._loaded[1]
+
+    def _epoch_block(self, epoch: int, offset: int) -> Iterator[dict]:
+        """This rank's samples of `epoch`, from its `offset`-th on; shards outside the block are not read."""
+        start = self.rank * self.per_rank + offset
+        end = (self.rank + 1) * self.per_rank
+        shard_start = 0
+        for shard_index in self._epoch_order(epoch):
+            n = self.shards[shard_index]["count"]
+            lo, hi = max(start, shard_start), min(end, shard_start + n)
+            if lo < hi:
+                yield from self._shard_samples(shard_index, epoch)[lo - shard_start : hi - shard_start]
+            shard_start += n
+            if shard_start >= end:
+                return
 
     def samples_from(self, position: int) -> Iterator[dict]:
-        """Decoded samples of the global stream starting at global sample `position`."""
-        epoch, offset = divmod(position, self.count)
+        """Decoded samples of this rank's stream from its `position`-th sample on (endless)."""
+        epoch, offset = self.epoch_and_offset(position)
         while True:
-            for shard_index in self._epoch_order(epoch):
-                n = self.shards[shard_index]["count"]
-                if offset >= n:  # skipped without reading
-                    offset -= n
-                    continue
-                for raw in self._shard_samples(shard_index, epoch)[offset:]:
-                    yield decode_latent_sample(raw)
-                offset = 0
-            epoch += 1
+            for raw in self._epoch_block(epoch, offset):
+                yield decode_latent_sample(raw)
+            epoch, offset = epoch + 1, 0
 
-    def batches(self, start_step: int, micro_batch: int, world_size: int, rank: int, grad_accum: int) -> Iterator[dict]:
-        """This rank's micro-batches, from optimizer step `start_step` on."""
-        per_micro = micro_batch * world_size
-        stream = self.samples_from(start_step * per_micro * grad_accum)
-        while True:
-            group = [next(stream) for _ in range(per_micro)]
-            yield collate(group[rank * micro_batch : (rank + 1) * micro_batch])
+    def batches(self, position: int, micro_batch: int, pin: bool = False, prefetch: int = 4) -> Iterator[dict]:
+        """Micro-batches from sample `position` on, collated by a background thread that stays
+        `prefetch` batches ahead (pinned for an asynchronous copy to the GPU when `pin`)."""
+        def produce() -> Iterator[dict]:
+            stream = self.samples_from(position)
+            while True:
+                batch = collate([next(stream) for _ in range(micro_batch)])
+                yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+
+        return prefetched(produce(), prefetch)
+
+
+def prefetched(source: Iterator, depth: int) -> Iterator:
+    """Items of `source`, produced by a daemon thread up to `depth` ahead; its errors are re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work() -> None:
+        try:
+            for item in source:
+                q.put((True, item))
+        except BaseException as e:  # handed to the consumer, which raises it with the shard's name
+            q.put((False, e))
+
+    threading.Thread(target=work, daemon=True, name="latent-prefetch").start()
+    while True:
+        ok, item = q.get()
+        if not ok:
+            raise item
+        yield item
 
 
 def decode_latent_sample(raw: dict) -> dict:
@@ -76,8 +118,15 @@ def decode_latent_sample(raw: dict) -> dict:
 
 
 def collate(samples: list[dict]) -> dict:
-    return {  # mean/std: (batch, variants, C, H, W); variant 1, if cached, is the flipped image
-        "mean": torch.stack([s["mean"] for s in samples]).float(),
-        "std": torch.stack([s["std"] for s in samples]).float(),
-        "texts": [s["text"].float() for s in samples],  # (captions, tokens, dim) each
+    """mean/std: (batch, variants, C, H, W), variant 1 (if cached) the flipped image; text:
+    (batch, captions, tokens, dim), samples with fewer captions padded by repeating their first,
+    and `n_texts` how many each really has."""
+    most = max(s["text"].shape[0] for s in samples)
+    texts = [torch.cat([s["text"], s["text"][:1].expand(most - s["text"].shape[0], *s["text"].shape[1:])])
+             for s in samples]
+    return {
+        "mean": torch.stack([s["mean"] for s in samples]),  # stored dtype (fp16): half the bytes to copy
+        "std": torch.stack([s["std"] for s in samples]),
+        "texts": torch.stack(texts),
+        "n_texts": torch.tensor([s["text"].shape[0] for s in samples]),
     }

@@ -1,22 +1,21 @@
-"""Stage `train`: DeepSpeed training of the UNet from cached latents.
+"""Stage `train`: DeepSpeed training of the UNet (full or LoRA) from cached latents.
 
-Read top to bottom: load the UNet and noise schedule, build the DeepSpeed engine from the project
-config, resume from the newest complete checkpoint if there is one, then for each optimizer step:
-micro-batches -> loss -> engine.backward/step -> EMA -> log -> checkpoint.
+Read top to bottom: load the UNet (with LoRA adapters in lora mode) and the noise schedule, build
+the DeepSpeed engine from the project config, resume from the newest complete checkpoint, then for
+each optimizer step: micro-batches -> loss -> engine.backward/step -> EMA -> log -> checkpoint.
 
     python -m workflow.train --config config.yaml --latents results/latents/digits/tiny-digits_32px \
         --model resources/models/tiny-digits --data results/data/digits --run-dir results/runs/digits-tiny
 
-Started once, it launches `train.procs` ranks (CPU, gloo) or one per GPU; every rank saves.
-Checkpoints go to <run-dir>/checkpoints/ (not a declared output, so a rerun resumes), and
-<run-dir>/train.json is written when training finished.
+Started once, it starts `train.procs` ranks (CPU, gloo) or one per GPU; every rank saves. Exit codes:
+0 done (<run-dir>/train.json written), 2 bad input, 3 too many non-finite losses, 75 stopped by
+SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,128 +25,109 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import checkpoints
 from .cache import cache_fingerprint, fingerprint_mismatch
 from .cli import run, stage_main
 from .config import Config
-from .distributed import World, device_for, init_world, launched, procs_wanted, relaunch
-from .ema import EMA
-from .fsutil import atomic_file, read_json, sha256_json, write_json
+from .distributed import EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch
+from .ema import ShardedEMA
+from .engine import build_engine, check_zero_section, deepspeed_config
+from .fsutil import atomic_file, read_json, write_json
 from .latents import LatentStream
 from .models import latent_scaling, load_noise_scheduler, load_unet, load_vae
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXIT_DIVERGED = 3
 
 
-def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, Any]:
-    """The DeepSpeed config, generated from the project config (the only place it is built)."""
-    t = cfg.train
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.zero_stage},
-        "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer (fused on GPU)
-        "steps_per_print": 10**9,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "csv_monitor": {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "train"},
-        "tensorboard": {"enabled": True, "output_path": str(run_dir / "monitor"), "job_name": "train"},
-    }
-    return ds
+class TrainingDiverged(RuntimeError):
+    """More micro-steps than train.max_bad_steps had a non-finite loss."""
 
 
-def training_fingerprint(cfg: Config) -> str:
-    """What a checkpoint must share with the config to be resumed (not steps or checkpoint cadence)."""
-    t = cfg.train.model_dump(exclude={"steps", "checkpoint_every", "log_every"})
-    cache = cfg.cache.model_dump(exclude={"procs", "batch_size"})  # how latents were computed, not what they are
-    return sha256_json({"train": t, "ema_decay": cfg.ema.decay, "model": cfg.model.model_dump(), "cache": cache})
+def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
+    """The base UNet; in lora mode frozen, with peft LoRA adapters as the only trainable weights."""
+    unet = load_unet(model_dir)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.train.mode == "lora":
+        from peft import LoraConfig
+
+        lora = cfg.train.lora
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                                    target_modules=lora.target_modules, init_lora_weights="gaussian"))
+    return unet
 
 
-def lr_lambda(cfg: Config):
-    warmup = cfg.train.warmup_steps
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """Randomness (noise, timesteps, caption choice) as a pure function of where we are: resuming
-    at step k draws exactly what an uninterrupted run draws at step k."""
+def step_generator(seed: int, position: int, rank: int, device: torch.device) -> torch.Generator:
+    """Randomness (noise, timesteps, caption choice) as a pure function of the data position: a
+    resumed run draws exactly what an uninterrupted run draws for the same micro-batch."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1))
+    g.manual_seed(int(np.random.SeedSequence([seed, position, rank]).generate_state(1, np.uint64)[0] >> 1))
     return g
 
 
 def diffusion_loss(engine, scheduler, batch: dict, null_text: torch.Tensor, cfg: Config, scaling: tuple[float, float],
-                   gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+                   prediction_type: str, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = cfg.train
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     n, variants = batch["mean"].shape[:2]
-    # The per-sample choices (flip variant, caption, dropout) are drawn on the device generator and
-    # brought to the host in one transfer: one sync per micro-step, not one per sample.
-    u = torch.rand(n, 3, generator=gen, device=device).cpu()
-    rows = torch.arange(n)
-    variant = (u[:, 0] * variants).long()  # cached flips: original or flipped latent, half each
-    mean = batch["mean"][rows, variant].to(device)
-    std = batch["std"][rows, variant].to(device)
+    rows = torch.arange(n, device=device)
+    u = torch.rand(n, 3, generator=gen, device=device)  # flip variant, caption, dropout: no host sync
+    variant = (u[:, 0] * variants).long().clamp(max=variants - 1)
+    mean, std = batch["mean"][rows, variant].float(), batch["std"][rows, variant].float()
     # Latents are drawn from the cached VAE posterior every step, then put in the UNet's space.
     latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
     scale, shift = scaling
     latents = (latents - shift) * scale
-    # One caption per sample (any of its captions); some replaced by the null caption for CFG.
-    texts = [null_text if u[i, 2] < cfg.train.caption_dropout else options[int(u[i, 1] * len(options))]
-             for i, options in enumerate(batch["texts"])]
-    text = torch.stack(texts).to(device)
+    # One of each sample's captions; a share replaced by the null caption (classifier-free guidance).
+    caption = (u[:, 1] * batch["n_texts"]).long().clamp(max=batch["texts"].shape[1] - 1)
+    text = batch["texts"][rows, caption].float()
+    text = torch.where((u[:, 2] < t.caption_dropout)[:, None, None], null_text.to(device), text)
 
     noise = torch.randn(latents.shape, generator=gen, device=device)
+    if t.noise_offset:  # per-channel offsets let the model shift overall brightness
+        noise = noise + t.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen, device=device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen, device=device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    noised_with = noise
+    if t.input_perturbation:  # the input sees perturbed noise, the target the unperturbed one
+        noised_with = noise + t.input_perturbation * torch.randn(latents.shape, generator=gen, device=device)
+    noisy = scheduler.add_noise(latents, noised_with, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
     pred = engine(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype)).sample
-    return F.mse_loss(pred.float(), target.float())
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if t.snr_gamma:
+        per_sample = per_sample * min_snr_weights(scheduler.alphas_cumprod[timesteps], t.snr_gamma, prediction_type)
+    return per_sample.mean()
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the predicted quantity."""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))  # -> 1 as snr -> 0
 
 
 class JsonlLog:
-    def __init__(self, path: Path, enabled: bool):
-        self.file = open(path, "a") if enabled else None
+    """results/runs/<run>/log.jsonl, on rank 0. On resume, records past the checkpoint's step (written
+    before a kill) are dropped, so each step appears once."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_at: int):
+        self.file = None
+        if not enabled:
+            return
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
+            with atomic_file(path) as f:
+                f.write("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-
-
-def checkpoint_tag(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def latest_checkpoint(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, ema: EMA, fingerprint: str, world: World, keep: int = 2) -> None:
-    """Every rank calls this and writes its part. `latest` is pointed at the new tag only after all
-    ranks have finished (barrier), so a checkpoint cut short by a kill is never resumed."""
-    tag = checkpoint_tag(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False,
-                           client_state={"step": step, "ema": ema.state_dict(), "fingerprint": fingerprint})
-    torch.distributed.barrier()
-    if world.is_main:
-        # A small readable record, so the launcher can check a resume before starting any rank.
-        write_json(ckpt_dir / tag / "meta.json", {"step": step, "fingerprint": fingerprint})
-        with atomic_file(ckpt_dir / "latest") as f:
-            f.write(tag)
-        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-        for old in tags[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-
-
-def check_resumable(cfg: Config, ckpt_dir: Path) -> None:
-    tag = latest_checkpoint(ckpt_dir)
-    if tag and read_json(ckpt_dir / tag / "meta.json", "checkpoint record")["fingerprint"] != training_fingerprint(cfg):
-        raise ValueError(f"checkpoint {ckpt_dir / tag} was made with different training settings; "
-                         f"delete {ckpt_dir} to start fresh, or use a new run name")
 
 
 def check_cache(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path) -> None:
@@ -159,83 +139,123 @@ def check_cache(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path) 
                          f"rerun the cache stage (snakemake --forcerun cache)")
 
 
-def train(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_dir: Path) -> dict[str, Any] | None:
-    import deepspeed
-
+def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict[str, Any] | None:
+    stop = StopRequest()  # before anything slow, so an early signal is not lost
     world = init_world()
     device = device_for(world)
-    dtype = PRECISION_DTYPES[cfg.train.precision]
+    t = cfg.train
+    dtype = PRECISION_DTYPES[t.precision]
     ckpt_dir = run_dir / "checkpoints"
     if world.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "monitor").mkdir(exist_ok=True)
+    if t.wandb.enabled:
+        import os
 
-    torch.manual_seed(cfg.train.seed)
-    unet = load_unet(model_dir)
+        os.environ.setdefault("WANDB_MODE", t.wandb.mode)
+        os.environ.setdefault("WANDB_DIR", str(run_dir / "monitor"))
+
+    torch.manual_seed(t.seed)  # the LoRA initialisation; full mode starts from the loaded weights
+    unet = trainable_unet(cfg, model_dir)
     scheduler = load_noise_scheduler(model_dir)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    prediction_type = t.prediction_type or scheduler.config.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, cfg.train.seed)
-    null_text = stream.null_text  # stays on the host, beside the cached caption embeddings it replaces
+    stream = LatentStream(latent_dir, t.seed, world.size, world.rank)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=1e-2, fused=device.type == "cuda")
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, lr_scheduler=lr_sched,
-                                           config=deepspeed_config(cfg, world.size, run_dir))
-    ema = EMA(engine.module.named_parameters(), cfg.ema.decay)
-    fingerprint = training_fingerprint(cfg)
+    engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device)
+    ema = ShardedEMA(engine, world.rank, world.size, cfg.ema.decay, cfg.ema.warmup, cfg.ema.offload == "cpu")
+    lora = t.mode == "lora"
 
-    start_step = 0
-    if latest_checkpoint(ckpt_dir):
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start_step = client["step"]
-        ema.load_state_dict(client["ema"])
+    progress = {"step": 0, "epoch": 0, "position": 0, "bad_steps": 0}
+    if checkpoints.latest_checkpoint(ckpt_dir):
+        progress = checkpoints.load(engine, ckpt_dir, ema, world, lora)
         if world.is_main:
-            print(f"train: resumed from step {start_step}", flush=True)
+            print(f"train: resumed from step {progress['step']}", flush=True)
+    start_step = step = progress["step"]
+    position, bad_steps = progress["position"], progress["bad_steps"]
 
-    log = JsonlLog(run_dir / "log.jsonl", world.is_main)
-    batches = stream.batches(start_step, cfg.train.micro_batch, world.size, world.rank, cfg.train.grad_accum)
-    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * world.size
+    log = JsonlLog(run_dir / "log.jsonl", world.is_main, start_step)
+    batches = stream.batches(position, t.micro_batch, pin=device.type == "cuda")
+    null_text = stream.null_text.to(device)
+    global_batch = t.micro_batch * t.grad_accum * world.size
     engine.train()
-    started, window_start, last_loss = time.time(), time.time(), float("nan")
-    step = start_step
-    progress = _progress(world, start_step, cfg.train.steps)
-    while step < cfg.train.steps:
-        losses = []
-        for micro in range(cfg.train.grad_accum):
-            gen = step_generator(cfg.train.seed, step, micro, world.rank, device)
-            loss = diffusion_loss(engine, scheduler, next(batches), null_text, cfg, scaling, gen, device, dtype)
+    started = window_start = time.time()
+    last_loss, grad_norm, saved_at = float("nan"), None, -1
+    bar = _progress_bar(world, start_step, t.steps)
+    while step < t.steps:
+        losses, lr = [], lr_sched.get_last_lr()[0]  # the rate this step applies
+        while len(losses) < t.grad_accum:
+            gen = step_generator(t.seed, position, world.rank, device)
+            loss = diffusion_loss(engine, scheduler, next(batches), null_text, cfg, scaling, prediction_type, gen,
+                                  device, dtype)
+            position += t.micro_batch
+            if world.any(not bool(torch.isfinite(loss))):
+                # Skip this micro-batch on every rank before backward: no gradient, no DeepSpeed
+                # counter, no optimizer state sees it. The step takes the next micro-batch instead.
+                bad_steps += 1
+                if world.is_main:
+                    print(f"train: non-finite loss at step {step + 1}, skipped ({bad_steps} so far)", flush=True)
+                if bad_steps > t.max_bad_steps:
+                    raise TrainingDiverged(f"{bad_steps} micro-steps had a non-finite loss (train.max_bad_steps is "
+                                           f"{t.max_bad_steps}), the last at step {step + 1}; lower train.lr, use "
+                                           f"fp32/bf16, or check the latent cache")
+                continue
             engine.backward(loss)
+            if len(losses) == t.grad_accum - 1 and (step + 1) % t.log_every == 0:
+                grad_norm = _grad_norm_before_step(engine, cfg)
             engine.step()
             losses.append(loss.detach())
         step += 1
-        ema.update(engine.module.named_parameters(), step)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        ema.update(step)
+
+        if step % t.log_every == 0 or step == t.steps:
             last_loss = _mean_over_ranks(torch.stack(losses).mean())
             elapsed = time.time() - window_start
-            record = {"step": step, "loss": last_loss, "lr": lr_sched.get_last_lr()[0],
-                      "grad_norm": _float(engine.get_global_grad_norm()),
-                      "images_per_s": round(global_batch * cfg.train.log_every / max(elapsed, 1e-9), 2)}
-            window_start = time.time()
+            record = {"step": step, "loss": last_loss, "lr": lr,
+                      "grad_norm": _float(engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
+                      "images_per_s": round(global_batch * t.log_every / max(elapsed, 1e-9), 2),
+                      "bad_steps": bad_steps}
+            window_start, grad_norm = time.time(), None
             log.write(record)
             if world.is_main and engine.monitor.enabled:
                 engine.monitor.write_events([(f"Train/{k}", v, step) for k, v in record.items()
                                              if k != "step" and v is not None])
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-        progress.update(1)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            save_checkpoint(engine, ckpt_dir, step, ema, fingerprint, world)
-    progress.close()
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+        bar.update(1)
 
-    result = {"final_step": step, "final_loss": last_loss, "fingerprint": fingerprint, "world_size": world.size,
-              "checkpoint": checkpoint_tag(step), "global_batch": global_batch, "precision": cfg.train.precision,
-              "zero_stage": cfg.train.zero_stage, "seconds_this_run": round(time.time() - started, 1),
-              "resumed_from": start_step}
+        epoch = stream.epoch_and_offset(position)[0]
+        progress = {"step": step, "epoch": epoch, "position": position, "bad_steps": bad_steps}
+        stopping = world.any(stop.signal is not None)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+            checkpoints.save(engine, ckpt_dir, progress, ema, cfg, world, lora)
+            saved_at = step
+        if stopping:
+            if world.is_main:
+                print(f"train: stop signal received; checkpoint saved at step {saved_at}, exiting "
+                      f"{EXIT_PREEMPTED} (rerun to resume)", flush=True)
+            bar.close()
+            raise SystemExit(EXIT_PREEMPTED)
+    bar.close()
+
+    result = {"final_step": step, "final_loss": last_loss, "fingerprint": checkpoints.training_fingerprint(cfg),
+              "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
+              "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
+              "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
+              "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step}
     torch.distributed.barrier()
     if world.is_main:
         write_json(run_dir / "train.json", result)
         print(f"train: done at step {step}, loss {last_loss:.4f}", flush=True)
     return result
+
+
+def _grad_norm_before_step(engine, cfg: Config) -> float | None:
+    """ZeRO-0 in fp32 clips without keeping the norm, so measure it from the reduced gradients."""
+    if cfg.train.zero_stage != 0 or cfg.train.precision != "fp32":
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return _float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
 
 def _mean_over_ranks(x: torch.Tensor) -> float:
@@ -251,27 +271,38 @@ def _float(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _progress(world: World, start: int, total: int):
+def _progress_bar(world: World, start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, disable=not world.is_main, desc="train", unit="step", file=sys.stdout,
                 mininterval=5)
 
 
+def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_dir: Path, nprocs: int) -> None:
+    """Checked once, before any rank starts, so input errors are one clear line."""
+    check_cache(cfg, latent_dir, model_dir, data_dir)
+    check_zero_section(deepspeed_config(cfg, nprocs, run_dir))
+    checkpoints.prepare_dir(cfg, run_dir / "checkpoints", nprocs)
+    (run_dir / "train.json").unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args, cfg = stage_main("train", __doc__, argv, {"latents": "latent cache folder", "model": "model folder", "data": "prepared data folder",
+    args, cfg = stage_main("train", __doc__, argv, {"latents": "latent cache folder", "model": "model folder",
+                                                      "data": "prepared data folder",
                                                       "run_dir": "run folder (results/runs/<run>)"})
     run_dir = Path(args.run_dir)
-    if not launched():  # checked once, before any rank starts, so errors are one clear line
-        check_cache(cfg, Path(args.latents), Path(args.model), Path(args.data))
-        check_resumable(cfg, run_dir / "checkpoints")
-        (run_dir / "train.json").unlink(missing_ok=True)
+    if not launched():
         nprocs = procs_wanted(cfg.train.procs)
+        preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, nprocs)
         if nprocs > 1:
             raise SystemExit(relaunch("workflow.train", argv, nprocs))
     run_dir.mkdir(parents=True, exist_ok=True)
-    train(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir)
+    try:
+        train(cfg, Path(args.latents), Path(args.model), run_dir)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_DIVERGED) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Training checkpoints: save on every rank, count only complete ones, resume only matching ones.
+
+    <run>/checkpoints/
+        step00000400/            DeepSpeed's files (model states, ZeRO optimizer shards of every rank)
+            rank000.pt ...       per rank: RNG states and this rank's EMA shard
+            meta.json            written last, by rank 0, after every rank finished: "complete"
+        latest                   the newest complete tag (written after its meta.json)
+
+A kill at any moment leaves either the previous checkpoint as `latest` or the new one complete.
+Tags without meta.json are half-written and are deleted before the next run starts.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config
+from .fsutil import atomic_file, read_json, sha256_json, write_json
+
+# Keys that may change between a checkpoint and its resume: how long and how often, not what.
+RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                     "train.resume", "train.max_bad_steps", "train.wandb", "train.procs", "cache.procs",
+                     "cache.batch_size", "ema.use", "ema.offload"}
+
+
+def training_settings(cfg: Config) -> dict[str, Any]:
+    """The settings a checkpoint must share with the config to be resumed, flattened to dotted keys."""
+    full = cfg.model_dump(mode="json", include={"train", "ema", "model", "cache"})
+    flat = _flatten(full)
+    return {k: v for k, v in flat.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)}
+
+
+def training_fingerprint(cfg: Config) -> str:
+    return sha256_json(training_settings(cfg))
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, sub in node.items() for k, v in _flatten(sub, f"{prefix}.{key}" if prefix else key).items()}
+    return {prefix: node}
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def resume_problems(cfg: Config, ckpt_dir: Path, world_size: int) -> list[str]:
+    """What stops the newest checkpoint from being resumed under `cfg` (empty: resumable or none)."""
+    tag = latest_checkpoint(ckpt_dir)
+    if tag is None:
+        return []
+    meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")
+    now, then = training_settings(cfg), meta.get("settings", {})
+    changed = [f"{k}: {then.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
+               for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    if meta.get("world_size") != world_size:
+        changed.append(f"ranks: {meta.get('world_size')} -> {world_size}")
+    return changed
+
+
+def prepare_dir(cfg: Config, ckpt_dir: Path, world_size: int) -> None:
+    """Before any rank starts: drop half-written tags; with train.resume never, drop everything; else
+    refuse a checkpoint that the config cannot continue, saying what changed."""
+    if cfg.train.resume == "never" and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return
+    for d in ckpt_dir.iterdir():
+        if d.is_dir() and d.name.startswith("step") and not (d / "meta.json").is_file():
+            shutil.rmtree(d)  # a save cut short: never resumed, never kept
+    changed = resume_problems(cfg, ckpt_dir, world_size)
+    if changed:
+        raise ValueError(f"checkpoint {ckpt_dir / latest_checkpoint(ckpt_dir)} cannot be resumed with this config; "
+                         f"changed: {'; '.join(changed)}. Set train.resume=never (or a new run name) to start fresh")
+
+
+def rng_states() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, progress: dict[str, Any], ema, cfg: Config, world, lora: bool) -> str:
+    """Every rank calls this. `progress` (step, epoch, data position, bad steps) goes into DeepSpeed's
+    client state; RNG states and the EMA shard into this rank's own file."""
+    tag = checkpoint_tag(progress["step"])
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(progress), save_latest=False,
+                           exclude_frozen_parameters=lora)
+    with atomic_file(ckpt_dir / tag / f"rank{world.rank:03d}.pt", "wb") as f:
+        torch.save({"rng": rng_states(), "ema": ema.state_dict(), "progress": progress}, f)
+    torch.distributed.barrier()
+    if world.is_main:
+        write_json(ckpt_dir / tag / "meta.json", {**progress, "world_size": world.size,
+                                                  "fingerprint": training_fingerprint(cfg),
+                                                  "settings": training_settings(cfg)})
+        with atomic_file(ckpt_dir / "latest") as f:
+            f.write(tag)
+        complete = sorted(d.name for d in ckpt_dir.iterdir() if (d / "meta.json").is_file())
+        for old in complete[: -cfg.train.keep_checkpoints]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    torch.distributed.barrier()  # nobody races ahead into a save that pruning could touch
+    return tag
+
+
+def load(engine, ckpt_dir: Path, ema, world, lora: bool) -> dict[str, Any]:
+    """Restore engine, EMA and RNG states from the newest complete checkpoint; returns its progress."""
+    tag = latest_checkpoint(ckpt_dir)
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not lora)
+    if client is None:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} could not be loaded by DeepSpeed")
+    ema.attach(engine)
+    own = torch.load(ckpt_dir / tag / f"rank{world.rank:03d}.pt", map_location="cpu", weights_only=False)
+    ema.load_state_dict(own["ema"])
+    set_rng_states(own["rng"])
+    return own["progress"]

@@ -1,0 +1,92 @@
+"""The DeepSpeed engine of the train stage: its config, optimizer and learning-rate schedule.
+
+The DeepSpeed config is generated here from `train.*` and nowhere else. `train.deepspeed` (raw
+DeepSpeed keys, checked in config.py for what DeepSpeed would silently ignore) is merged last.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, TrainConfig, deep_merge
+
+def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, Any]:
+    """The DeepSpeed config for this run (the only place it is built)."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    monitor = str(run_dir / "monitor")
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW as client optimizer (fused on GPU)
+        "steps_per_print": 10**9,  # the train loop logs; DeepSpeed's own prints would interleave
+        "bf16": {"enabled": t.precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling; overflowing steps are skipped by DeepSpeed and counted.
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "csv_monitor": {"enabled": True, "output_path": monitor, "job_name": "train"},
+        "tensorboard": {"enabled": True, "output_path": monitor, "job_name": "train"},
+    }
+    if t.wandb.enabled:
+        ds["wandb"] = {"enabled": True, "project": t.wandb.project, "group": t.wandb.group, "team": t.wandb.team}
+    return deep_merge(ds, t.deepspeed)
+
+
+def check_zero_section(ds: dict[str, Any]) -> None:
+    """DeepSpeed's own validation of the ZeRO section, run before any rank starts."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**ds["zero_optimization"])
+    except ValidationError as e:
+        lines = [f"  train.deepspeed.zero_optimization.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid train.deepspeed:\n" + "\n".join(lines)) from None
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded, torch's fused kernel on a GPU."""
+    t = cfg.train
+    if t.offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+
+
+def lr_factor(t: TrainConfig, step: int) -> float:
+    """Multiplier of train.lr for optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    if t.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.train, step))
+
+
+def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: Path, device: torch.device):
+    """(engine, lr scheduler) for the trainable parameters of `unet`."""
+    import deepspeed
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, device)
+    lr_sched = make_lr_scheduler(cfg, optimizer)
+    engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=lr_sched, config=deepspeed_config(cfg, world_size, run_dir))
+    return engine, lr_sched
