@@ -12,7 +12,6 @@ EMA weights (`ema.use: true`) or the raw ones; the other set is kept beside it i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
