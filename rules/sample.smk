@@ -1,6 +1,7 @@
 rule sample:
     input:
         model=f"{RUN}/model",
+        base=MODEL,
     output:
         grid=f"{RUN}/samples/grid.png",
         metrics=f"{RUN}/samples/metrics.json",
@@ -13,4 +14,5 @@ rule sample:
         f"{BENCH}/sample.tsv"
     threads: workflow.cores
     shell:
-        "{PY} -m workflow.sample --config {params.cfg:q} --model {input.model} --out {params.out} > {log} 2>&1"
+        "{PY} -m workflow.sample --config {params.cfg:q} --model {input.model} --base-model {input.base}"
+        " --out {params.out} > {log} 2>&1"

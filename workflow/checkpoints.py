@@ -26,7 +26,8 @@ from .fsutil import atomic_file, read_json, sha256_json, write_json
 # Keys that may change between a checkpoint and its resume: how long and how often, not what.
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                      "train.resume", "train.max_bad_steps", "train.wandb", "train.procs", "cache.procs",
-                     "cache.batch_size", "ema.use", "ema.offload"}
+                     "cache.batch_size", "ema.use", "ema.offload", "ema.target_sigma_rel", "ema.fuse_lora",
+                     "ema.posthoc.snapshot_every"}
 
 
 def training_settings(cfg: Config) -> dict[str, Any]:
@@ -72,8 +73,9 @@ def resume_problems(cfg: Config, ckpt_dir: Path, world_size: int) -> list[str]:
 def prepare_dir(cfg: Config, ckpt_dir: Path, world_size: int) -> None:
     """Before any rank starts: drop half-written tags; with train.resume never, drop everything; else
     refuse a checkpoint that the config cannot continue, saying what changed."""
-    if cfg.train.resume == "never" and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+    if cfg.train.resume == "never":
+        for old in (ckpt_dir, ckpt_dir.parent / "posthoc"):
+            shutil.rmtree(old, ignore_errors=True)
     if not ckpt_dir.is_dir():
         return
     for d in ckpt_dir.iterdir():

@@ -180,11 +180,35 @@ class TrainConfig(Section):
         return self
 
 
+class PosthocConfig(Section):
+    sigma_rels: list[float] = Field(default_factory=list, description="power-function EMA profiles tracked in "
+                                    "training (Karras et al. 2024), e.g. [0.05, 0.10]; empty: off")
+    snapshot_every: int = Field(100, ge=1, description="optimizer steps between snapshots of those EMAs")
+
+    @field_validator("sigma_rels")
+    @classmethod
+    def _in_range(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0 < s < 0.28]
+        if bad:
+            raise ValueError(f"sigma_rel values must lie in (0, 0.28) (got {bad})")
+        return v
+
+
 class EmaConfig(Section):
     decay: float = Field(0.999, ge=0, lt=1, description="EMA decay per optimizer step")
     warmup: bool = Field(True, description="decay warms up as min(decay, (1 + step) / (10 + step))")
     offload: Literal["none", "cpu"] = Field("none", description="cpu: keep the EMA (this rank's shard) in host memory")
+    posthoc: PosthocConfig = PosthocConfig()
+    target_sigma_rel: float | None = Field(None, gt=0, lt=0.28, description="merge: the EMA reconstructed post hoc "
+                                           "for this sigma_rel instead of the `decay` EMA")
     use: bool = Field(True, description="the merged model holds the EMA weights (else the raw ones)")
+    fuse_lora: bool = Field(False, description="lora mode: also write the full model with the adapters fused in")
+
+    @model_validator(mode="after")
+    def _target_needs_snapshots(self) -> "EmaConfig":
+        if self.target_sigma_rel is not None and not self.posthoc.sigma_rels:
+            raise ValueError("ema.target_sigma_rel needs snapshots: set ema.posthoc.sigma_rels (e.g. [0.05, 0.10])")
+        return self
 
 
 class SampleConfig(Section):
@@ -242,7 +266,7 @@ STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data"],
     "fetch_model": ["data", "model"],
     "cache": ["data", "model", "cache", "train.seed"],
-    "train": ["run", "data", "model", "cache", "train", "ema"],
+    "train": ["run", "data", "model", "cache", "train", "ema.decay", "ema.warmup", "ema.offload", "ema.posthoc"],
     "ema": ["run", "data", "model", "cache", "train", "ema"],
     "sample": ["run", "data", "model", "cache", "train", "ema", "sample"],
 }

@@ -55,6 +55,16 @@ def load_unet(model_dir: Path, dtype=torch.float32):
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
 
 
+def add_lora(unet, lora):
+    """Freeze `unet` and give it peft LoRA adapters (`lora`: train.lora); they are all that trains."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                                target_modules=lora.target_modules, init_lora_weights="gaussian"))
+    return unet
+
+
 def load_noise_scheduler(model_dir: Path):
     from diffusers import DDPMScheduler
 

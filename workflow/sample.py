@@ -19,19 +19,32 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .cli import run, stage_main
 from .config import Config
-from .fsutil import atomic_dir, write_json
+from .fsutil import atomic_dir, read_json, write_json
 from .metrics import digit_accuracy
 from .models import check_model_dir
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
 MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be seen
 
 
-def load_pipeline(model_dir: Path, device: torch.device):
+def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None = None):
+    """The merged pipeline; for a LoRA-only merge (no fused model), the base model with the adapter."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    check_model_dir(model_dir)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    lora_only = not (model_dir / "model_index.json").is_file() and (model_dir / LORA_FILE).is_file()
+    if lora_only:
+        merged = read_json(model_dir / "merge.json", "merge record")
+        base = Path(base_model or merged["base_model"])
+        check_model_dir(base)
+        pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.load_lora_weights(model_dir, weight_name=LORA_FILE)
+        pipe.scheduler.register_to_config(prediction_type=merged["prediction_type"])
+    else:
+        check_model_dir(model_dir)
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -67,10 +80,10 @@ def make_grid(results: list[tuple[int, int, Image.Image]], prompts: list[str], s
     return grid
 
 
-def sample(cfg: Config, model_dir: Path, out: Path) -> dict:
+def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
-    pipe = load_pipeline(model_dir, device)
+    pipe = load_pipeline(model_dir, device, base_model)
     results = generate(pipe, cfg, device)
     metrics = {"images": len(results), "prompts": len(cfg.sample.prompts), "seeds": cfg.sample.seeds,
                "steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
@@ -89,8 +102,9 @@ def sample(cfg: Config, model_dir: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, cfg = stage_main("sample", __doc__, argv, {"model": "merged model folder", "out": "output folder"})
-    sample(cfg, Path(args.model), Path(args.out))
+    args, cfg = stage_main("sample", __doc__, argv, {"model": "merged model folder", "out": "output folder"},
+                           {"base_model": "base model folder (for a LoRA-only merged model)"})
+    sample(cfg, Path(args.model), Path(args.out), Path(args.base_model) if args.base_model else None)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from .cache import cache_fingerprint, fingerprint_mismatch
 from .cli import run, stage_main
 from .config import Config
 from .distributed import EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch
-from .ema import ShardedEMA
+from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, read_json, write_json
 from .latents import LatentStream
-from .models import latent_scaling, load_noise_scheduler, load_unet, load_vae
+from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, load_vae
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_DIVERGED = 3
@@ -49,14 +49,7 @@ def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     unet = load_unet(model_dir)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if cfg.train.mode == "lora":
-        from peft import LoraConfig
-
-        lora = cfg.train.lora
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-                                    target_modules=lora.target_modules, init_lora_weights="gaussian"))
-    return unet
+    return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
 def step_generator(seed: int, position: int, rank: int, device: torch.device) -> torch.Generator:
@@ -164,7 +157,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     stream = LatentStream(latent_dir, t.seed, world.size, world.rank)
 
     engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device)
-    ema = ShardedEMA(engine, world.rank, world.size, cfg.ema.decay, cfg.ema.warmup, cfg.ema.offload == "cpu")
+    ema = TrainingEMAs(cfg, engine, world.rank, world.size)
     lora = t.mode == "lora"
 
     progress = {"step": 0, "epoch": 0, "position": 0, "bad_steps": 0}
@@ -208,6 +201,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
             losses.append(loss.detach())
         step += 1
         ema.update(step)
+        if ema.snapshot_due(step, t.steps):
+            ema.snapshot(run_dir / "posthoc", step, world)
 
         if step % t.log_every == 0 or step == t.steps:
             last_loss = _mean_over_ranks(torch.stack(losses).mean())
@@ -242,7 +237,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
-              "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step}
+              "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step,
+              "digest": ema.digest(world)}
     torch.distributed.barrier()
     if world.is_main:
         write_json(run_dir / "train.json", result)

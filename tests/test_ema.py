@@ -1,0 +1,164 @@
+"""EMA in training and the merge stage: ZeRO-3 export, fp32 masters, LoRA export, post-hoc EMA, cadence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_stage, tiny_config
+from test_train import train
+
+from workflow.ema import (checksum, consolidate, gather_fragments, load_ema, load_rank_files, reconstruct_posthoc,
+                          verify_against_engine)
+from workflow.models import load_unet
+from workflow.posthoc import sigma_rel_to_gamma, solve_coefficients
+
+
+def merge(built, run_dir: Path, *overrides: str) -> dict:
+    run_stage("ema", tiny_config(*overrides), "--model", str(built["model"]), "--run-dir", str(run_dir),
+              "--out", str(run_dir / "model"))
+    return json.loads((run_dir / "model" / "merge.json").read_text())
+
+
+def merged_unet(folder: Path) -> dict[str, torch.Tensor]:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+
+
+def test_zero3_export_is_complete_and_equals_zero0(built, tmp_path):
+    """The same fp32 training under ZeRO-0 and 2-rank ZeRO-3 (params partitioned: no rank holds a
+    full tensor) merges to the same model, and each merge checks itself against the engine."""
+    steps = ["train.steps=3", "train.checkpoint_every=100", "train.lr=3e-3"]
+    for zero in (0, 3):
+        train(built, tmp_path / f"z{zero}", *steps, f"train.zero_stage={zero}")
+        report = merge(built, tmp_path / f"z{zero}", *steps, f"train.zero_stage={zero}")
+        assert report["verified_against_engine"] and report["weights"] == "ema"
+    z0, z3 = merged_unet(tmp_path / "z0" / "model"), merged_unet(tmp_path / "z3" / "model")
+    base = load_unet(built["model"]).state_dict()
+    assert z3.keys() == base.keys()
+    assert all(z3[k].shape == base[k].shape for k in base)
+    for k in base:
+        # Reduce-scatter vs all-reduce sum in another order; Adam turns that into ~1e-5 differences.
+        torch.testing.assert_close(z3[k], z0[k], rtol=1e-3, atol=1e-4)
+    assert any(not torch.equal(z3[k], base[k]) for k in base)  # trained, not the base weights
+    raw3 = merged_unet(tmp_path / "z3" / "model" / "unet_raw")  # the other set, kept beside it
+    assert any(not torch.equal(raw3[k], z3[k]) for k in base)
+
+
+def test_bf16_merge_takes_the_fp32_masters(built, tmp_path):
+    """ZeRO-0 in bf16 keeps bf16 module weights; the merged model holds the optimizer's fp32 masters."""
+    run_dir = tmp_path / "run"
+    train(built, run_dir, "train.precision=bf16", "train.steps=3")
+    assert merge(built, run_dir, "train.precision=bf16", "train.steps=3")["verified_against_engine"]
+    raw = merged_unet(run_dir / "model" / "unet_raw")
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in raw.values())  # not bf16-rounded
+
+
+def test_merge_refuses_weights_that_differ_from_the_engine():
+    w = {"a": torch.arange(6.0).view(2, 3)}
+    verify_against_engine(w, {"a": checksum(w["a"]).tolist()}, "raw")
+    swapped = {"a": w["a"].flip(1)}  # same values, misplaced: the position-weighted sum notices
+    with pytest.raises(ValueError, match="differs from the weights the engine held"):
+        verify_against_engine(swapped, {"a": checksum(w["a"]).tolist()}, "raw")
+    # Fragments held by two ranks add up to the full tensor's checksum.
+    flat = w["a"].view(-1)
+    assert torch.allclose(checksum(flat[:4], 0) + checksum(flat[4:], 4), checksum(flat))
+    assert torch.equal(gather_fragments([{"fragments": {"a": (4, flat[4:])}}, {"fragments": {"a": (0, flat[:4])}}])["a"], flat)
+
+
+def test_lora_file_reloads_and_changes_the_output(built, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run_dir = tmp_path / "run"
+    overrides = ["train.mode=lora", "train.zero_stage=2", "train.steps=6", "train.lr=5e-2", "train.lora.rank=4",
+                 "train.lora.alpha=8", "ema.use=false", "ema.fuse_lora=true"]
+    train(built, run_dir, *overrides)
+    report = merge(built, run_dir, *overrides)
+    model = run_dir / "model"
+    assert report["lora_file"] == "pytorch_lora_weights.safetensors" and report["fused"]
+    assert (model / "pytorch_lora_weights.safetensors").is_file()
+    assert (model / "lora_ema" / "pytorch_lora_weights.safetensors").is_file()
+
+    def image(pipe) -> torch.Tensor:
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a handwritten digit 3", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                   output_type="pt")
+        return out.images[0]
+
+    load = dict(safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(built["model"], **load)
+    before = image(pipe)
+    pipe.load_lora_weights(model)  # the diffusers-format file, as users load it
+    with_lora = image(pipe)
+    fused = image(StableDiffusionPipeline.from_pretrained(model, **load))
+    assert (with_lora - before).abs().max() > 1e-3
+    torch.testing.assert_close(fused, with_lora, atol=2e-3, rtol=0)  # alpha (scale 2) survived the export
+
+
+def test_posthoc_reconstruction_matches_a_tracked_profile(built, tmp_path):
+    """Track sigma_rel 0.05, 0.10 and 0.15; rebuild 0.10 from the 0.05 and 0.15 snapshots alone."""
+    run_dir = tmp_path / "run"
+    overrides = ["train.steps=30", "train.checkpoint_every=100", "train.log_every=10",
+                 "ema.posthoc.sigma_rels=[0.05, 0.10, 0.15]", "ema.posthoc.snapshot_every=3"]
+    train(built, run_dir, *overrides)
+    report = merge(built, run_dir, *overrides, "ema.target_sigma_rel=0.10")
+    assert report["weights"] == "posthoc-ema" and report["posthoc"]["relative_profile_error"] < 1e-6
+
+    final = sorted((run_dir / "posthoc").glob("step*"))[-1]
+    assert final.name == "step00000030"
+    tracked = {s: gather_fragments([r["profiles"][s] for r in load_rank_files(final, "snapshot")]) for s in (0.05, 0.10)}
+    without = tmp_path / "without_0.10"
+    for snap in (run_dir / "posthoc").glob("step*"):
+        (without / snap.name).mkdir(parents=True)
+        for f in snap.glob("rank*.pt"):
+            state = torch.load(f, weights_only=False)
+            del state["profiles"][0.10]
+            torch.save(state, without / snap.name / f.name)
+    rebuilt, fit = reconstruct_posthoc(without, 30, 0.10)
+    assert fit["relative_profile_error"] < 0.05
+
+    def dist(a, b):
+        return sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+
+    # Much closer to the tracked 0.10 EMA than the nearest tracked neighbour is.
+    assert dist(rebuilt, tracked[0.10]) < 0.2 * dist(tracked[0.05], tracked[0.10])
+
+
+def test_posthoc_math():
+    # sigma_rel <-> gamma as in the paper's table (wider profiles have smaller exponents).
+    assert sigma_rel_to_gamma(0.10) < sigma_rel_to_gamma(0.05)
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    x, err = solve_coefficients([100, 200], [6.94, 6.94], 200, 6.94)
+    assert x == pytest.approx([0, 1], abs=1e-9) and err == pytest.approx(0, abs=1e-6)
+
+
+def test_ema_is_updated_once_per_optimizer_step(built, tmp_path):
+    """With grad_accum 2, decay 0.5 and no warm-up, the EMA after 3 steps is exactly the EMA of the
+    3 optimizer steps' weights, not of 6 micro-steps."""
+    run_dir = tmp_path / "run"
+    overrides = ["train.grad_accum=2", "train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3",
+                 "train.lr=1e-2", "ema.decay=0.5", "ema.warmup=false", "train.zero_stage=1"]
+    train(built, run_dir, *overrides)
+    ckpt = run_dir / "checkpoints"
+    expected = {k: v.float().reshape(-1) for k, v in load_unet(built["model"]).state_dict().items()}
+    for step in (1, 2, 3):
+        raw, _ = consolidate(ckpt, f"step{step:08d}")
+        expected = {k: 0.5 * expected[k] + 0.5 * raw[k].reshape(-1) for k in expected}
+    got = load_ema(ckpt, "step00000003")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_train_rules_ignore_merge_only_settings():
+    from workflow.config import stage_config
+
+    a = stage_config(tiny_config(), "train")
+    b = stage_config(tiny_config("ema.use=false", "ema.fuse_lora=true", "ema.posthoc.sigma_rels=[0.1]",
+                                 "ema.target_sigma_rel=0.1"), "train")
+    assert a["ema"].keys() == {"decay", "warmup", "offload", "posthoc"}
+    assert a != b  # the tracked profiles are training's business
+    assert {k: v for k, v in b["ema"].items() if k != "posthoc"} == {k: v for k, v in a["ema"].items() if k != "posthoc"}
