@@ -74,17 +74,23 @@ def prepare_dir(cfg: Config, ckpt_dir: Path, world_size: int) -> None:
     """Before any rank starts: drop half-written tags; with train.resume never, drop everything; else
     refuse a checkpoint that the config cannot continue, saying what changed."""
     if cfg.train.resume == "never":
-        for old in (ckpt_dir, ckpt_dir.parent / "posthoc"):
-            shutil.rmtree(old, ignore_errors=True)
-    if not ckpt_dir.is_dir():
-        return
-    for d in ckpt_dir.iterdir():
-        if d.is_dir() and d.name.startswith("step") and not (d / "meta.json").is_file():
-            shutil.rmtree(d)  # a save cut short: never resumed, never kept
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if ckpt_dir.is_dir():
+        for d in ckpt_dir.iterdir():
+            if d.is_dir() and d.name.startswith("step") and not (d / "meta.json").is_file():
+                shutil.rmtree(d)  # a save cut short: never resumed, never kept
+    tag = latest_checkpoint(ckpt_dir)
     changed = resume_problems(cfg, ckpt_dir, world_size)
     if changed:
-        raise ValueError(f"checkpoint {ckpt_dir / latest_checkpoint(ckpt_dir)} cannot be resumed with this config; "
+        raise ValueError(f"checkpoint {ckpt_dir / tag} cannot be resumed with this config; "
                          f"changed: {'; '.join(changed)}. Set train.resume=never (or a new run name) to start fresh")
+    # Post-hoc EMA snapshots past the step training resumes from belong to a run that is being
+    # replayed (or, with no checkpoint, to an earlier run): drop them; the replay writes them again.
+    resume_step = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")["step"] if tag else 0
+    posthoc = ckpt_dir.parent / "posthoc"
+    for snap in posthoc.glob("step*") if posthoc.is_dir() else []:
+        if int(snap.name[4:]) > resume_step:
+            shutil.rmtree(snap)
 
 
 def rng_states() -> dict[str, Any]:
