@@ -2,7 +2,8 @@
 #   snakemake -n                       what would run
 #   snakemake --cores all              run it here
 #   snakemake --profile profiles/local the same, with the local profile's settings
-# Stages: fetch_model, prepare -> cache -> train -> ema -> sample (one rules/<stage>.smk each).
+#   snakemake --report report.html     samples, curves, metrics and config in one HTML file
+# Stages: fetch_model, prepare -> cache -> train -> ema -> sample -> report_files (one rules/<stage>.smk each).
 
 from snakemake.utils import min_version
 
@@ -19,6 +20,7 @@ include: "rules/cache.smk"
 include: "rules/train.smk"
 include: "rules/ema.smk"
 include: "rules/sample.smk"
+include: "rules/report.smk"
 
 
 localrules:
@@ -29,3 +31,4 @@ rule all:
     input:
         f"{RUN}/samples/grid.png",
         f"{RUN}/samples/metrics.json",
+        f"{RUN}/report/training.png",

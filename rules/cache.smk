@@ -13,6 +13,8 @@ rule cache:
     benchmark:
         f"benchmarks/latents/{CFG.dataset_name}/{CFG.encoder_key}.tsv"
     threads: workflow.cores
+    resources:
+        **gpu_job(SLURM.gpus_per_node, SLURM.cache_minutes),
     shell:
         "{PY} -m workflow.cache --config {params.cfg:q} --data {params.data} --model {input.model}"
         " --out {params.out} > {log} 2>&1"

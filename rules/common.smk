@@ -30,3 +30,29 @@ def train_procs():
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else CFG.train.procs
+
+
+# ---- Slurm resources (profiles/slurm); a local run ignores them
+SLURM = CFG.slurm
+
+
+def gpu_job(gpus, minutes):
+    """What a GPU rule asks Slurm for: GPUs, cores and memory per GPU, a time limit."""
+    return dict(gpu=gpus, cpus_per_gpu=SLURM.cpus_per_gpu, mem_mb=SLURM.mem_mb_per_gpu * gpus, runtime=minutes)
+
+
+def train_ranks():
+    return SLURM.nodes * SLURM.gpus_per_node
+
+
+def train_job():
+    """Several ranks: one srun task per GPU in a job step of their own (the `mpi` resource makes the
+    executor leave the launch to the rule), so the time-limit signal reaches the ranks and nothing
+    else. One rank: the executor's own job step."""
+    res = gpu_job(SLURM.gpus_per_node, SLURM.train_minutes) | dict(nodes=SLURM.nodes)
+    if train_ranks() > 1:
+        del res["gpu"]
+        res |= dict(gres=f"gpu:{SLURM.gpus_per_node}", mpi="srun", tasks_per_node=SLURM.gpus_per_node)
+    if SLURM.signal_seconds:
+        res["slurm_extra"] = f"--signal=USR1@{SLURM.signal_seconds}"
+    return res

@@ -7,6 +7,9 @@ rule ema:
     params:
         cfg=stage_cfg("ema"),
         run_dir=RUN,
+    resources:
+        mem_mb=SLURM.mem_mb_per_gpu,
+        runtime=SLURM.merge_minutes,
     log:
         f"{LOGS}/ema.log",
     benchmark:

@@ -3,8 +3,11 @@ def fetch_model_inputs(wildcards):
     return [f"{DATA}/manifest.json"] if CFG.model.pretrained == "builtin:tiny" else []
 
 
-localrules:
-    fetch_model,  # a Hub download needs the login node's internet
+# A Hub download needs the login node's internet; a builtin model or a local folder is a job.
+if not CFG.model.pretrained.startswith("builtin:") and not Path(CFG.model.pretrained).expanduser().exists():
+
+    localrules:
+        fetch_model,
 
 
 rule fetch_model:

@@ -58,7 +58,7 @@ def test_missing_config_file():
 def test_stage_config_only_carries_what_the_stage_reads():
     cfg = Config()
     assert set(stage_config(cfg, "prepare")) == {"data"}
-    assert "sample" not in stage_config(cfg, "train")
+    assert stage_config(cfg, "train")["sample"] == {"checkpoints": []}  # only what checkpoint pruning keeps
     # a train-only change does not change what cache sees (so cache is not rerun)
     changed = load_config(REPO / "config.yaml", ["train.steps=7"])
     assert stage_config(changed, "cache") == stage_config(cfg, "cache")

@@ -29,7 +29,7 @@ def jobs_planned(proc: subprocess.CompletedProcess) -> set[str]:
 def test_dry_run_shows_every_stage(tmp_path):
     proc = snakemake(tmp_path, "-n")
     assert proc.returncode == 0, proc.stderr
-    assert jobs_planned(proc) == {"prepare", "fetch_model", "cache", "train", "ema", "sample", "all"}
+    assert jobs_planned(proc) == {"prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files", "all"}
     assert not (tmp_path / "results").exists()
 
 
@@ -52,12 +52,21 @@ def test_full_pipeline_then_reruns_only_what_changed(tmp_path):
     assert (tmp_path / "logs" / "digits-tiny" / "train.log").is_file()
     assert (tmp_path / "benchmarks" / "digits-tiny" / "train.tsv").is_file()
 
+    report = snakemake(tmp_path, "--report", "report.html")
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (tmp_path / "report.html").read_text(errors="replace")
+    for name in ("grid.png", "training.png", "metrics.html", "config.yaml"):
+        assert name in page, name
+
     nothing = snakemake(tmp_path, "-n")
     assert nothing.returncode == 0 and jobs_planned(nothing) == set(), nothing.stdout
 
     # A training change reruns training and what follows it, never the data or the cache.
     changed = snakemake(tmp_path, "-n", overrides=TINY_OVERRIDES + ["train.steps=6"])
-    assert jobs_planned(changed) == {"train", "ema", "sample", "all"}, changed.stdout
+    assert jobs_planned(changed) == {"train", "ema", "sample", "report_files", "all"}, changed.stdout
+    # A merge-only change reruns the merge and what follows, not training.
+    merge_only = snakemake(tmp_path, "-n", overrides=TINY_OVERRIDES + ["ema.use=false"])
+    assert jobs_planned(merge_only) == {"ema", "sample", "report_files", "all"}, merge_only.stdout
 
     # Forcing one stage reruns it; train resumes from its checkpoint instead of starting over.
     forced = snakemake(tmp_path, "--forcerun", "train", overrides=TINY_OVERRIDES + ["train.steps=6"])

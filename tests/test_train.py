@@ -237,7 +237,7 @@ def _poison_latents(built, dst: Path, source_ids: set[int]) -> None:
 
 def test_non_finite_losses_are_skipped_then_stop_training(built, tmp_path):
     # Poison the first sample of rank 0's second micro-batch (micro_batch 8).
-    stream = LatentStream(built["latents"], seed=0, world_size=2, rank=0)
+    stream = LatentStream(built["latents"], seed=0, world_size=2, rank=0, val_samples=tiny_config().train.val_samples)
     source_id = _take(stream.samples_from(8), 1)[0]["meta"]["source_id"]
     poisoned = tmp_path / "latents"
     _poison_latents(built, poisoned, {source_id})

@@ -124,8 +124,10 @@ def save(engine, ckpt_dir: Path, progress: dict[str, Any], ema, cfg: Config, wor
         with atomic_file(ckpt_dir / "latest") as f:
             f.write(tag)
         complete = sorted(d.name for d in ckpt_dir.iterdir() if (d / "meta.json").is_file())
+        wanted = {checkpoint_tag(s) for s in cfg.sample.checkpoints if s != "last"}  # sampled later
         for old in complete[: -cfg.train.keep_checkpoints]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            if old not in wanted:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     torch.distributed.barrier()  # nobody races ahead into a save that pruning could touch
     return tag
 

@@ -154,6 +154,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
+    val_samples: int = Field(64, ge=0, description="cached samples held out of training for the validation loss")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="null: the scheduler's")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting gamma (5.0 is usual); null: off")
     noise_offset: float = Field(0.0, ge=0)
@@ -211,12 +212,40 @@ class EmaConfig(Section):
         return self
 
 
+SCHEDULERS = ("ddim", "dpm++", "euler", "pndm")
+
+
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=lambda: list(DIGIT_PROMPTS), min_length=1)
     seeds: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1)
-    steps: int = Field(25, ge=1)
+    negative_prompt: str = Field("", description="what guidance steers away from; empty: the unconditional caption")
+    steps: int = Field(25, ge=1, description="denoising steps")
     guidance_scale: float = Field(4.0, ge=0)
-    batch_size: int = Field(50, ge=1)
+    scheduler: Literal["ddim", "dpm++", "euler", "pndm"] = Field("ddim", description="dpm++: DPM-Solver++ multistep")
+    resolution: int | None = Field(None, ge=8, description="image size; null: cache.resolution")
+    batch_size: int = Field(50, ge=1, description="images per pipeline call")
+    compare_base: bool = Field(False, description="also sample the base model, shown beside the fine-tuned one")
+    checkpoints: list[int | Literal["last"]] = Field(default_factory=list, description="training steps to sample "
+                                                     "as a checkpoint x prompt grid, e.g. [500, 1000, last]")
+    val_timesteps: int = Field(8, ge=1, description="fixed timesteps per held-out sample in the validation loss")
+    clip_model: str | None = Field(None, description="local CLIP model folder for a CLIP score; null: skipped")
+
+
+class SlurmConfig(Section):
+    """Resources the GPU rules ask for (used by `snakemake --profile profiles/slurm`; ignored locally
+    except for the launch geometry). Partition, account and constraint are site settings: they live
+    in the profile."""
+
+    gpus_per_node: int = Field(1, ge=1, description="GPUs per node for cache and train (sample uses one)")
+    nodes: int = Field(1, ge=1, description="nodes for train; ranks = nodes x gpus_per_node, one srun task each")
+    cpus_per_gpu: int = Field(8, ge=1)
+    mem_mb_per_gpu: int = Field(64000, ge=1)
+    cache_minutes: int = Field(240, ge=1, description="time limit of the cache job")
+    train_minutes: int = Field(1440, ge=1, description="time limit of one train job (it resumes when retried)")
+    merge_minutes: int = Field(60, ge=1)
+    sample_minutes: int = Field(60, ge=1)
+    signal_seconds: int = Field(300, ge=0, description="train gets SIGUSR1 this long before its time limit, "
+                                "saves and exits 75; 0: no signal")
 
 
 class Config(Section):
@@ -227,6 +256,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ema: EmaConfig = EmaConfig()
     sample: SampleConfig = SampleConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     @field_validator("run")
     @classmethod
@@ -236,6 +266,16 @@ class Config(Section):
         return v
 
     # --- derived names (paths are built from these in rules/common.smk and the stages) ---
+    @model_validator(mode="after")
+    def _sampled_checkpoints_exist(self) -> "Config":
+        t = self.train
+        bad = [s for s in self.sample.checkpoints
+               if s != "last" and (s > t.steps or (s % t.checkpoint_every and s != t.steps))]
+        if bad:
+            raise ValueError(f"sample.checkpoints: {bad} are not checkpoint steps (multiples of "
+                             f"train.checkpoint_every {t.checkpoint_every} up to train.steps {t.steps}, or 'last')")
+        return self
+
     @property
     def dataset_name(self) -> str:
         return self.data.name or slug(self.data.source)
@@ -266,7 +306,8 @@ STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data"],
     "fetch_model": ["data", "model"],
     "cache": ["data", "model", "cache", "train.seed"],
-    "train": ["run", "data", "model", "cache", "train", "ema.decay", "ema.warmup", "ema.offload", "ema.posthoc"],
+    "train": ["run", "data", "model", "cache", "train", "ema.decay", "ema.warmup", "ema.offload", "ema.posthoc",
+              "sample.checkpoints"],  # kept from pruning
     "ema": ["run", "data", "model", "cache", "train", "ema"],
     "sample": ["run", "data", "model", "cache", "train", "ema", "sample"],
 }

@@ -46,7 +46,25 @@ def procs_wanted(cpu_procs: int) -> int:
 
 
 def launched() -> bool:
+    """True in a rank: one this module started, or an srun task (see slurm_geometry)."""
+    if os.environ.get("DSD_RANKS_FROM") == "slurm" and "RANK" not in os.environ:
+        os.environ.update(slurm_geometry())
     return "RANK" in os.environ
+
+
+def slurm_geometry() -> dict[str, str]:
+    """RANK & co. of an srun task (one per GPU): from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS; the
+    rendezvous at the first host of the step's node list, on a port derived from the job id (so
+    every task computes the same one, and a retried job the same again)."""
+    env = os.environ
+    missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_ID") if k not in env]
+    if missing:
+        raise RuntimeError(f"DSD_RANKS_FROM=slurm outside an srun task: {', '.join(missing)} not set")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + int(env["SLURM_JOB_ID"]) % 20000)}
 
 
 # Exit code of a rank (and of the stage) that stopped on SIGTERM/SIGUSR1 after saving a checkpoint:

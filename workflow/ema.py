@@ -318,6 +318,23 @@ def merge(cfg: Config, model_dir: Path, run_dir: Path, out: Path) -> dict:
     return report
 
 
+def checkpoint_unet(cfg: Config, model_dir: Path, ckpt_dir: Path, tag: str):
+    """The UNet of one training checkpoint (its EMA weights when ema.use), LoRA adapters fused in."""
+    from .models import add_lora, load_unet
+
+    raw, _ = consolidate(ckpt_dir, tag)
+    weights = {k: v.view(raw[k].shape) for k, v in load_ema(ckpt_dir, tag).items()} if cfg.ema.use else raw
+    unet = load_unet(model_dir)
+    if cfg.train.mode == "lora":
+        add_lora(unet, cfg.train.lora)
+        unet.load_state_dict(weights, strict=False)
+        unet.fuse_lora()
+        unet.unload_lora()
+    else:
+        unet.load_state_dict(weights, strict=True)
+    return unet
+
+
 def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> None:
     """The base pipeline with `unet`, its scheduler predicting what the UNet was trained to."""
     from diffusers import StableDiffusionPipeline

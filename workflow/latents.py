@@ -1,6 +1,7 @@
 """Reading cached latents for training: each rank's disjoint, deterministic, resumable stream.
 
-Every epoch has one global order of the N cached samples, a pure function of (seed, epoch): shards
+Every epoch has one global order of the N cached samples (less `train.val_samples` held out for
+the validation loss), a pure function of (seed, epoch): shards
 permuted, then samples permuted within each shard. Rank r of W takes the contiguous block
 [r*N//W, (r+1)*N//W) of that order (the N mod W left-over samples sit out that epoch; the next
 epoch's order differs), so ranks never share a sample within an epoch, each reads only about 1/W
@@ -24,12 +25,44 @@ from .fsutil import read_json
 from .shards import iter_shard, npy_load
 
 
+# The held-out validation samples are drawn with a fixed seed, not train.seed, so that runs with
+# different seeds are validated on the same samples.
+VALIDATION_SEED = 20240
+
+
+def held_out(manifest: dict, val_samples: int) -> list[set[int]]:
+    """Per shard, the in-shard indices of the `val_samples` samples kept out of training."""
+    counts = [int(s["count"]) for s in manifest["shards"]]
+    if val_samples >= sum(counts):
+        raise ValueError(f"train.val_samples ({val_samples}) must be smaller than the {sum(counts)} cached samples")
+    chosen = np.random.default_rng(VALIDATION_SEED).permutation(sum(counts))[:val_samples]
+    starts = np.cumsum([0] + counts[:-1])
+    out: list[set[int]] = [set() for _ in counts]
+    for g in chosen:
+        shard = int(np.searchsorted(starts, g, side="right") - 1)
+        out[shard].add(int(g - starts[shard]))
+    return out
+
+
+def validation_samples(latent_dir: Path, val_samples: int) -> list[dict]:
+    """The held-out samples (decoded), in a fixed order."""
+    manifest = read_json(Path(latent_dir) / "manifest.json", "latent cache manifest")
+    out = []
+    for shard, keep in zip(manifest["shards"], held_out(manifest, val_samples)):
+        if keep:
+            out += [decode_latent_sample(raw) for i, raw in enumerate(iter_shard(Path(latent_dir) / shard["name"]))
+                    if i in keep]
+    return out
+
+
 class LatentStream:
-    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0):
+    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int = 0):
         self.dir = Path(latent_dir)
         self.manifest = read_json(self.dir / "manifest.json", "latent cache manifest")
         self.shards = self.manifest["shards"]
-        self.count = int(self.manifest["count"])
+        self.held_out = held_out(self.manifest, val_samples)
+        self.counts = [int(s["count"]) - len(h) for s, h in zip(self.shards, self.held_out)]  # trainable
+        self.count = sum(self.counts)
         self.seed, self.world_size, self.rank = seed, world_size, rank
         self.per_rank = self.count // world_size  # samples per rank per epoch
         if self.per_rank == 0:
@@ -51,6 +84,7 @@ class LatentStream:
             samples = list(iter_shard(path))
             if len(samples) != shard["count"]:
                 raise ValueError(f"latent shard {path} holds {len(samples)} samples, manifest says {shard['count']}")
+            samples = [s for i, s in enumerate(samples) if i not in self.held_out[shard_index]]
             order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(samples))
             self._loaded = ((shard_index, epoch), [samples[i] for i in order])
         return self._loaded[1]
@@ -61,7 +95,7 @@ class LatentStream:
         end = (self.rank + 1) * self.per_rank
         shard_start = 0
         for shard_index in self._epoch_order(epoch):
-            n = self.shards[shard_index]["count"]
+            n = self.counts[shard_index]
             lo, hi = max(start, shard_start), min(end, shard_start + n)
             if lo < hi:
                 yield from self._shard_samples(shard_index, epoch)[lo - shard_start : hi - shard_start]

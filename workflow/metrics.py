@@ -1,5 +1,12 @@
 """Numbers that say whether a model is good.
 
+`val_loss`: the diffusion loss on the cached samples held out of training (`train.val_samples`),
+each at the same `sample.val_timesteps` evenly spaced timesteps with the same noise every time, from
+the posterior mean and first caption: comparable across checkpoints and across runs on one cache.
+
+`clip_score`: 100 x the cosine similarity of CLIP's image and prompt embeddings (floored at 0),
+averaged over the images, when `sample.clip_model` names a local CLIP folder.
+
 `digit_accuracy`: an independent classifier (scikit-learn SVC), trained on the real handwritten
 digits, labels each generated image; the score is the share labelled with the digit its prompt
 asked for. Images are compared at the digits' native 8x8, so any resolution works.
@@ -8,8 +15,11 @@ asked for. Images are compared at the digits' native 8x8, so any resolution work
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 DIGIT_PROMPT = re.compile(r"\bhandwritten digit (\d)\b")
@@ -57,3 +67,54 @@ def digit_accuracy(images: list[Image.Image], prompts: list[str]) -> dict | None
     per_digit = {str(d): float(correct[[wanted[i] == d for i in keep]].mean()) for d in sorted({wanted[i] for i in keep})}
     return {"digit_accuracy": float(correct.mean()), "digit_accuracy_per_digit": per_digit,
             "digit_images_scored": len(keep), "classifier_held_out_accuracy": clf.held_out_accuracy}
+
+
+@torch.no_grad()
+def validation_loss(unet, scheduler, samples: list[dict], prediction_type: str, scaling: tuple[float, float],
+                    timesteps: int, device: torch.device, batch: int = 64) -> float | None:
+    """Mean diffusion loss over held-out samples x fixed timesteps, with fixed per-sample noise."""
+    if not samples:
+        return None
+    total_t = scheduler.config.num_train_timesteps
+    ts = ((torch.arange(timesteps) + 0.5) * total_t / timesteps).long()
+    scale, shift = scaling
+    cases = [(i, t) for i in range(len(samples)) for t in ts.tolist()]
+    noise = {i: torch.randn(samples[i]["mean"].shape[1:], generator=torch.Generator().manual_seed(i))
+             for i in range(len(samples))}
+    alphas = scheduler.alphas_cumprod
+    dtype = next(unet.parameters()).dtype
+    losses = []
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        latents = torch.stack([(samples[i]["mean"][0].float() - shift) * scale for i, _ in chunk])
+        eps = torch.stack([noise[i] for i, _ in chunk])
+        text = torch.stack([samples[i]["text"][0].float() for i, _ in chunk])
+        t = torch.tensor([t for _, t in chunk])
+        noisy = scheduler.add_noise(latents, eps, t)
+        scheduler.alphas_cumprod = alphas  # add_noise may have moved it; keep it on the host
+        target = scheduler.get_velocity(latents, eps, t) if prediction_type == "v_prediction" else eps
+        pred = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=text.to(device, dtype)).sample
+        losses.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
+    return float(torch.cat(losses).mean())
+
+
+def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str | None, device: torch.device) -> dict:
+    """{"clip_score": ...} or, with no usable CLIP model, {"clip_score": None, "clip_score_skipped": why}."""
+    if not clip_model:
+        return {"clip_score": None, "clip_score_skipped": "sample.clip_model is not set"}
+    if not Path(clip_model).is_dir():
+        return {"clip_score": None, "clip_score_skipped": f"no CLIP model folder at {clip_model}"}
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(clip_model).to(device).eval()
+    processor = CLIPProcessor.from_pretrained(clip_model)
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(images), 32):
+            inputs = processor(text=prompts[start : start + 32], images=images[start : start + 32], return_tensors="pt",
+                               padding=True, truncation=True).to(device)
+            img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
+            txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"],
+                                                      attention_mask=inputs["attention_mask"]), dim=-1)
+            scores.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
+    return {"clip_score": float(torch.cat(scores).mean()), "clip_model": clip_model}

@@ -1,12 +1,16 @@
-"""Stage `sample`: validation images and metrics from the merged model.
+"""Stage `sample`: validation images and numbers from the merged model.
 
-`sample.prompts` x `sample.seeds` -> one PNG each (`p<prompt>_s<seed>.png`), `grid.png` (prompts
-as rows, seeds as columns, labelled) and `metrics.json` (with `digit_accuracy` when prompts name
-handwritten digits). Each image has its own generator seeded by its seed, so the same config gives
-the same images whatever the batch size.
+`sample.prompts` x `sample.seeds` -> one PNG each (`p<prompt>_s<seed>.png`), `grid.png` (prompts as
+rows, seeds as columns, labelled; with `sample.compare_base` the base model's images beside them),
+with `sample.checkpoints` a `checkpoints.png` (checkpoint x prompt, first seed) sampled from the
+training checkpoints, and `metrics.json`: validation loss on the held-out latents (per checkpoint
+too), `digit_accuracy` when prompts name handwritten digits, and a CLIP score when
+`sample.clip_model` is a local CLIP folder. Each image has its own generator seeded by its seed, so
+the same config gives the same images whatever the batch size.
 
     python -m workflow.sample --config config.yaml --model results/runs/digits-tiny/model \
-        --out results/runs/digits-tiny/samples
+        --base-model resources/models/tiny-digits --latents results/latents/digits/tiny-digits_32px \
+        --run-dir results/runs/digits-tiny --out results/runs/digits-tiny/samples
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .checkpoints import checkpoint_tag
 from .cli import run, stage_main
 from .config import Config
 from .fsutil import atomic_dir, read_json, write_json
-from .metrics import digit_accuracy
-from .models import check_model_dir
+from .latents import validation_samples
+from .metrics import clip_score, digit_accuracy, validation_loss
+from .models import check_model_dir, latent_scaling
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be seen
@@ -29,82 +35,174 @@ MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be 
 
 def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None = None):
     """The merged pipeline; for a LoRA-only merge (no fused model), the base model with the adapter."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     lora_only = not (model_dir / "model_index.json").is_file() and (model_dir / LORA_FILE).is_file()
+    folder = Path(base_model or read_json(model_dir / "merge.json", "merge record")["base_model"]) if lora_only else model_dir
+    check_model_dir(folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
     if lora_only:
-        merged = read_json(model_dir / "merge.json", "merge record")
-        base = Path(base_model or merged["base_model"])
-        check_model_dir(base)
-        pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
         pipe.load_lora_weights(model_dir, weight_name=LORA_FILE)
-        pipe.scheduler.register_to_config(prediction_type=merged["prediction_type"])
-    else:
-        check_model_dir(model_dir)
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler.register_to_config(prediction_type=read_json(model_dir / "merge.json")["prediction_type"])
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def generate(pipe, cfg: Config, device: torch.device) -> list[tuple[int, int, Image.Image]]:
-    jobs = [(pi, seed) for pi in range(len(cfg.sample.prompts)) for seed in cfg.sample.seeds]
-    out = []
-    for start in range(0, len(jobs), cfg.sample.batch_size):
-        chunk = jobs[start : start + cfg.sample.batch_size]
-        gens = [torch.Generator(device).manual_seed(seed) for _, seed in chunk]
-        images = pipe([cfg.sample.prompts[pi] for pi, _ in chunk], generator=gens, num_inference_steps=cfg.sample.steps,
-                      guidance_scale=cfg.sample.guidance_scale).images
-        out.extend((pi, seed, im) for (pi, seed), im in zip(chunk, images))
+def set_scheduler(pipe, name: str) -> None:
+    """The sampler, built from the model's own noise schedule (betas, prediction type, spacing)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    config = pipe.scheduler.config
+    pipe.scheduler = {
+        "ddim": lambda: DDIMScheduler.from_config(config),
+        "dpm++": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+        "euler": lambda: EulerDiscreteScheduler.from_config(config),
+        "pndm": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
+    }[name]()
+
+
+def generate(pipe, cfg: Config, jobs: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], Image.Image]:
+    """Images for (prompt index, seed) jobs, batched; each with a generator of its own seed."""
+    s = cfg.sample
+    size = s.resolution or cfg.cache.resolution
+    out = {}
+    for start in range(0, len(jobs), s.batch_size):
+        chunk = jobs[start : start + s.batch_size]
+        images = pipe([s.prompts[pi] for pi, _ in chunk], negative_prompt=[s.negative_prompt] * len(chunk),
+                      generator=[torch.Generator(device).manual_seed(seed) for _, seed in chunk],
+                      num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=size, width=size).images
+        out.update(zip(chunk, images))
     return out
 
 
-def make_grid(results: list[tuple[int, int, Image.Image]], prompts: list[str], seeds: list[int]) -> Image.Image:
-    w, h = results[0][2].size
+def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
+    """Images in rows and columns, labelled on the left and on top."""
+    w, h = rows[0][0].size
     scale = max(1, -(-MIN_CELL // min(w, h)))
     cw, ch = w * scale, h * scale
     font = ImageFont.load_default()
     label_w, header_h = 200, 20
-    grid = Image.new("RGB", (label_w + cw * len(seeds), header_h + ch * len(prompts)), "white")
+    grid = Image.new("RGB", (label_w + cw * len(col_labels), header_h + ch * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    for col, seed in enumerate(seeds):
-        draw.text((label_w + col * cw + 4, 4), f"seed {seed}", fill="black", font=font)
-    for row, prompt in enumerate(prompts):
-        text = prompt if len(prompt) <= 30 else prompt[:29] + "…"
-        draw.text((4, header_h + row * ch + ch // 2 - 6), text, fill="black", font=font)
-    for pi, seed, im in results:
-        grid.paste(im.resize((cw, ch), Image.NEAREST), (label_w + seeds.index(seed) * cw, header_h + pi * ch))
+    for col, label in enumerate(col_labels):
+        draw.text((label_w + col * cw + 4, 4), label[: max(4, cw // 6)], fill="black", font=font)
+    for r, (label, images) in enumerate(zip(row_labels, rows)):
+        draw.text((4, header_h + r * ch + ch // 2 - 6), label if len(label) <= 30 else label[:29] + "…",
+                  fill="black", font=font)
+        for c, im in enumerate(images):
+            grid.paste(im.resize((cw, ch), Image.NEAREST), (label_w + c * cw, header_h + r * ch))
     return grid
 
 
-def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = None) -> dict:
+class Validator:
+    """Validation loss of a UNet on the held-out latents (the same samples, timesteps and noise)."""
+
+    def __init__(self, cfg: Config, latent_dir: Path | None, base_model: Path | None, prediction_type: str):
+        from .models import load_noise_scheduler, load_vae
+
+        self.samples = validation_samples(latent_dir, cfg.train.val_samples) if latent_dir and base_model else []
+        self.cfg, self.prediction_type = cfg, prediction_type
+        if self.samples:
+            self.scheduler = load_noise_scheduler(base_model)
+            self.scaling = latent_scaling(load_vae(base_model))
+
+    def __call__(self, unet, device: torch.device) -> float | None:
+        if not self.samples:
+            return None
+        return validation_loss(unet, self.scheduler, self.samples, self.prediction_type, self.scaling,
+                               self.cfg.sample.val_timesteps, device)
+
+
+def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = None, latent_dir: Path | None = None,
+           run_dir: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
+    s = cfg.sample
     pipe = load_pipeline(model_dir, device, base_model)
-    results = generate(pipe, cfg, device)
-    metrics = {"images": len(results), "prompts": len(cfg.sample.prompts), "seeds": cfg.sample.seeds,
-               "steps": cfg.sample.steps, "guidance_scale": cfg.sample.guidance_scale,
-               "scheduler": type(pipe.scheduler).__name__, "model": str(model_dir)}
-    digits = digit_accuracy([im for _, _, im in results], [cfg.sample.prompts[pi] for pi, _, _ in results])
-    if digits:
-        metrics |= digits
+    set_scheduler(pipe, s.scheduler)
+    jobs = [(pi, seed) for pi in range(len(s.prompts)) for seed in s.seeds]
+    images = generate(pipe, cfg, jobs, device)
+    validate = Validator(cfg, latent_dir, base_model, pipe.scheduler.config.prediction_type)
+    metrics = {"images": len(images), "prompts": len(s.prompts), "seeds": s.seeds, "steps": s.steps,
+               "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
+               "scheduler": type(pipe.scheduler).__name__, "resolution": s.resolution or cfg.cache.resolution,
+               "model": str(model_dir), "val_loss": validate(pipe.unet, device), "val_samples": len(validate.samples),
+               "val_timesteps": s.val_timesteps}
+    metrics |= digit_accuracy([images[j] for j in jobs], [s.prompts[pi] for pi, _ in jobs]) or {}
+    metrics |= clip_score([images[j] for j in jobs], [s.prompts[pi] for pi, _ in jobs], s.clip_model, device)
+    rows = [[images[(pi, seed)] for seed in s.seeds] for pi in range(len(s.prompts))]
+    columns = [f"seed {seed}" for seed in s.seeds]
+
+    base_images = {}
+    if s.compare_base:
+        base = load_pipeline(base_model, device)
+        set_scheduler(base, s.scheduler)
+        base_images = generate(base, cfg, jobs, device)
+        metrics["base"] = {"val_loss": validate(base.unet, device),
+                           **(digit_accuracy([base_images[j] for j in jobs], [s.prompts[pi] for pi, _ in jobs]) or {})}
+        rows = [row + [base_images[(pi, seed)] for seed in s.seeds] for pi, row in enumerate(rows)]
+        columns += [f"base s{seed}" for seed in s.seeds]
+        del base
+
+    checkpoint_grid = None
+    if s.checkpoints:
+        checkpoint_grid, metrics["checkpoints"] = sample_checkpoints(cfg, pipe, run_dir, base_model, validate, device)
     metrics["seconds"] = round(time.time() - started, 1)
+
     with atomic_dir(out) as tmp:
-        for pi, seed, im in results:
+        for (pi, seed), im in images.items():
             im.save(tmp / f"p{pi:03d}_s{seed}.png")
-        make_grid(results, cfg.sample.prompts, cfg.sample.seeds).save(tmp / "grid.png")
+        if base_images:
+            (tmp / "base").mkdir()
+            for (pi, seed), im in base_images.items():
+                im.save(tmp / "base" / f"p{pi:03d}_s{seed}.png")
+        make_grid(rows, s.prompts, columns).save(tmp / "grid.png")
+        if checkpoint_grid:
+            checkpoint_grid.save(tmp / "checkpoints.png")
         write_json(tmp / "metrics.json", metrics)
-    print(f"sample: {len(results)} images -> {out}; " + (f"digit_accuracy {metrics['digit_accuracy']:.3f}" if digits else ""))
+    summary = [f"{k} {metrics[k]:.4f}" for k in ("val_loss", "digit_accuracy", "clip_score") if metrics.get(k) is not None]
+    print(f"sample: {len(images)} images -> {out}; " + ", ".join(summary))
     return metrics
+
+
+def sample_checkpoints(cfg: Config, pipe, run_dir: Path, base_model: Path, validate: Validator, device: torch.device):
+    """checkpoint x prompt grid (first seed) and the validation loss of each checkpoint, sampled here,
+    outside the training processes, from the checkpoints training kept."""
+    from .ema import checkpoint_unet
+
+    s = cfg.sample
+    final = read_json(run_dir / "train.json", "training result")["final_step"]
+    steps = sorted({final if c == "last" else c for c in s.checkpoints})
+    jobs = [(pi, s.seeds[0]) for pi in range(len(s.prompts))]
+    rows, labels, losses = [], [], {}
+    merged_unet = pipe.unet
+    for step in steps:
+        tag = checkpoint_tag(step)
+        if not (run_dir / "checkpoints" / tag / "meta.json").is_file():
+            raise FileNotFoundError(f"checkpoint {run_dir / 'checkpoints' / tag} was not kept (sample.checkpoints "
+                                    f"must be listed before training reaches it)")
+        pipe.unet = checkpoint_unet(cfg, base_model, run_dir / "checkpoints", tag).to(device, merged_unet.dtype)
+        images = generate(pipe, cfg, jobs, device)
+        rows.append([images[j] for j in jobs])
+        labels.append(f"step {step}" + (" (last)" if step == final else ""))
+        losses[str(step)] = {"val_loss": validate(pipe.unet, device)}
+    pipe.unet = merged_unet
+    return make_grid(rows, labels, s.prompts), losses
 
 
 def main(argv: list[str] | None = None) -> None:
     args, cfg = stage_main("sample", __doc__, argv, {"model": "merged model folder", "out": "output folder"},
-                           {"base_model": "base model folder (for a LoRA-only merged model)"})
-    sample(cfg, Path(args.model), Path(args.out), Path(args.base_model) if args.base_model else None)
+                           {"base_model": "base model folder (LoRA-only merges, compare_base, validation loss)",
+                            "latents": "latent cache folder (validation loss on its held-out samples)",
+                            "run_dir": "run folder (sample.checkpoints)"})
+    opt = {k: Path(v) if v else None for k, v in vars(args).items() if k in ("base_model", "latents", "run_dir")}
+    if (cfg.sample.compare_base or cfg.sample.checkpoints) and not opt["base_model"]:
+        raise SystemExit("error: sample.compare_base and sample.checkpoints need --base-model")
+    if cfg.sample.checkpoints and not opt["run_dir"]:
+        raise SystemExit("error: sample.checkpoints needs --run-dir")
+    sample(cfg, Path(args.model), Path(args.out), opt["base_model"], opt["latents"], opt["run_dir"])
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     prediction_type = t.prediction_type or scheduler.config.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, t.seed, world.size, world.rank)
+    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples)
 
     engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
@@ -286,8 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = stage_main("train", __doc__, argv, {"latents": "latent cache folder", "model": "model folder",
                                                       "data": "prepared data folder",
-                                                      "run_dir": "run folder (results/runs/<run>)"})
+                                                      "run_dir": "run folder (results/runs/<run>)"},
+                           {"preflight": "only check inputs and checkpoints for this many ranks, then exit"})
     run_dir = Path(args.run_dir)
+    if args.preflight:  # before `srun` starts the ranks as tasks (several nodes): checks only
+        preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, int(args.preflight))
+        return
     if not launched():
         nprocs = procs_wanted(cfg.train.procs)
         preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, nprocs)

@@ -1,0 +1,118 @@
+"""The sample stage: schedulers, determinism, grids, base comparison, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_stage, tiny_config
+from PIL import Image
+from test_train import train
+
+from workflow.latents import LatentStream, held_out, validation_samples
+from workflow.sample import MIN_CELL
+
+
+@pytest.fixture(scope="module")
+def trained(built, tmp_path_factory) -> Path:
+    """A short 2-rank run keeping checkpoints 2 and 4, merged."""
+    run_dir = tmp_path_factory.mktemp("sampled") / "run"
+    overrides = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=1", "sample.checkpoints=[2, last]"]
+    train(built, run_dir, *overrides)
+    run_stage("ema", tiny_config(*overrides), "--model", str(built["model"]), "--run-dir", str(run_dir),
+              "--out", str(run_dir / "model"))
+    return run_dir
+
+
+def sample(built, run_dir: Path, out: Path, *overrides: str, check: bool = True):
+    return run_stage("sample", tiny_config(*overrides), "--model", str(run_dir / "model"), "--base-model",
+                     str(built["model"]), "--latents", str(built["latents"]), "--run-dir", str(run_dir),
+                     "--out", str(out), check=check)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler", "pndm"])
+def test_each_scheduler_samples_deterministically(built, trained, tmp_path, scheduler):
+    opts = [f"sample.scheduler={scheduler}", "sample.negative_prompt='a handwritten digit 8'", "sample.steps=3"]
+    sample(built, trained, tmp_path / "a", *opts)
+    sample(built, trained, tmp_path / "b", *opts, "sample.batch_size=1")  # batching does not change images
+    for png in sorted((tmp_path / "a").glob("p*_s*.png")):
+        assert np.array_equal(pixels(png), pixels(tmp_path / "b" / png.name)), png.name
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["images"] == 4 and metrics["negative_prompt"] == "a handwritten digit 8"
+    assert metrics["scheduler"].lower().startswith({"ddim": "ddim", "dpm++": "dpmsolver", "euler": "euler",
+                                                    "pndm": "pndm"}[scheduler])
+
+
+def test_grids_base_comparison_checkpoints_and_metrics(built, trained, tmp_path):
+    out = tmp_path / "out"
+    sample(built, trained, out, "sample.compare_base=true", "sample.checkpoints=[2, last]", "sample.resolution=24")
+    cell = max(1, -(-MIN_CELL // 24)) * 24  # upscaled so small images can be seen
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (200 + cell * 4, 20 + cell * 2)  # 2 prompts x (2 seeds fine-tuned + 2 base)
+    assert Image.open(out / "p000_s0.png").size == (24, 24)
+    assert len(list((out / "base").glob("p*_s*.png"))) == 4
+    # label strip: dark text pixels above the columns and left of the rows
+    strip = np.asarray(grid.convert("L"))
+    assert strip[:20, 200:].min() < 128 and strip[20:, :200].min() < 128
+    ckpt_grid = Image.open(out / "checkpoints.png")
+    assert ckpt_grid.size == (200 + cell * 2, 20 + cell * 2)  # 2 checkpoints x 2 prompts
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_samples"] == 64 and metrics["val_loss"] > 0
+    assert set(metrics["checkpoints"]) == {"2", "4"}
+    assert metrics["checkpoints"]["4"]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)  # last = merged
+    assert metrics["base"]["val_loss"] > 0 and "digit_accuracy" in metrics["base"]
+    assert 0 <= metrics["digit_accuracy"] <= 1
+    assert metrics["clip_score"] is None and "sample.clip_model" in metrics["clip_score_skipped"]
+
+
+def test_clip_score_with_a_local_clip_model(built, trained, tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    clip = tmp_path / "clip"
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
+    tokenizer = CLIPTokenizer.from_pretrained(built["model"] / "tokenizer")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(clip)
+    out = tmp_path / "out"
+    sample(built, trained, out, f"sample.clip_model={clip}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["clip_score"] <= 100 and metrics["clip_model"] == str(clip)
+
+
+def test_checkpoint_that_was_not_kept_is_a_clear_error(built, trained, tmp_path):
+    # keep_checkpoints 1 kept step 4, and step 2 because sample.checkpoints listed it
+    assert sorted(p.name for p in (trained / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+    proc = sample(built, trained, tmp_path / "bad", "sample.checkpoints=[3]", "train.checkpoint_every=1",
+                  check=False)
+    assert proc.returncode == 2 and "step00000003" in proc.stderr and "was not kept" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_held_out_samples_never_reach_training(built):
+    manifest = json.loads((built["latents"] / "manifest.json").read_text())
+    held = validation_samples(built["latents"], 64)
+    assert len(held) == 64 and sum(map(len, held_out(manifest, 64))) == 64
+    held_ids = {s["meta"]["source_id"] for s in held}
+    for rank in range(2):
+        stream = LatentStream(built["latents"], seed=0, world_size=2, rank=rank, val_samples=64)
+        it = stream.samples_from(0)
+        seen = {next(it)["meta"]["source_id"] for _ in range(stream.per_rank)}
+        assert not seen & held_ids
+
+
+def test_checkpoints_must_be_checkpoint_steps():
+    from workflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sample.checkpoints"):
+        tiny_config("sample.checkpoints=[3]")  # tiny: checkpoint_every 2

@@ -1,0 +1,129 @@
+"""The pipeline on a real one-node Slurm cluster, through a profile derived from profiles/slurm.
+
+Every stage is a Slurm job; training runs as 2 srun tasks (one per fake GPU, gloo on the CPU);
+a time-limit warning (SIGUSR1) makes training save and exit 75, and the retry resumes; a job
+cancelled with scancel is resumed by the next run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import slurm_cluster
+import yaml
+from conftest import REPO, TINY_OVERRIDES, stage_env
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+WHY_NOT = slurm_cluster.available()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None and not os.environ.get("CI"), reason=str(WHY_NOT))
+
+SLURM_OVERRIDES = ["slurm.gpus_per_node=2", "slurm.cpus_per_gpu=1", "slurm.mem_mb_per_gpu=2000",
+                   "slurm.train_minutes=20", "slurm.signal_seconds=60", "slurm.cache_minutes=10",
+                   "slurm.sample_minutes=10", "slurm.merge_minutes=10"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if WHY_NOT:
+        pytest.fail(f"CI must run the Slurm tests: {WHY_NOT}")
+    slurm_cluster.start()
+    yield
+    slurm_cluster.stop()
+
+
+def test_profile(tmp_path: Path, retries: int = 1) -> Path:
+    """profiles/slurm with this cluster's site settings (what a user edits)."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile["default-resources"] = {"slurm_partition": "debug", "runtime": 10, "mem_mb": 1000}
+    profile |= {"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 2, "retries": retries,
+                "latency-wait": 5, "slurm-init-seconds-before-status-checks": 2,
+                "slurm-logdir": str(tmp_path / "slurm_logs")}
+    folder = tmp_path / "profile"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
+    return folder
+
+
+test_profile.__test__ = False  # a helper, not a test
+
+
+def snakemake(workdir: Path, profile: Path, *overrides: str, wait: bool = True):
+    config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in TINY_OVERRIDES + SLURM_OVERRIDES
+                                                          + list(overrides))]
+    cmd = [SNAKEMAKE, "--profile", str(profile), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(REPO / "config.yaml"), "--config", *config]
+    if not wait:
+        return subprocess.Popen(cmd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=stage_env(), capture_output=True, text=True, timeout=1500)
+
+
+def running_train_job() -> str | None:
+    out = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"], capture_output=True, text=True).stdout
+    return next((line.split()[0] for line in out.splitlines() if "train" in line), None)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoint_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    return int(latest.read_text().strip()[4:]) if latest.is_file() else 0
+
+
+def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, tmp_path):
+    profile = test_profile(tmp_path)
+    proc = snakemake(tmp_path, profile)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run = tmp_path / "results" / "runs" / "digits-tiny"
+    for rule in ("prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files"):
+        assert list((tmp_path / "slurm_logs" / f"rule_{rule}").rglob("*.log")), f"{rule} was not a Slurm job"
+    result = json.loads((run / "train.json").read_text())
+    assert result["world_size"] == 2 and result["final_step"] == 4
+    log = (tmp_path / "logs" / "digits-tiny" / "train.log").read_text()
+    assert "train: done at step 4" in log
+    assert (run / "samples" / "metrics.json").is_file() and (run / "model" / "model_index.json").is_file()
+
+
+def test_time_limit_signal_saves_and_the_retry_resumes(cluster, tmp_path):
+    profile = test_profile(tmp_path)
+    run = tmp_path / "results" / "runs" / "digits-tiny"
+    steps = ["train.steps=300", "train.checkpoint_every=1000", "train.log_every=10"]
+    proc = snakemake(tmp_path, profile, *steps, "sample.seeds=[0]", wait=False)
+    job = wait_for(running_train_job, 600, "the train job")
+    wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 2, 300,
+             "training steps")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@<s> sends
+    out, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, out[-6000:]
+    log = (tmp_path / "logs" / "digits-tiny" / "train.log").read_text()
+    result = json.loads((run / "train.json").read_text())
+    assert 0 < result["resumed_from"] < 300 and result["final_step"] == 300, log[-3000:]
+
+
+def test_cancelled_job_is_resumed_by_the_next_run(cluster, tmp_path):
+    profile = test_profile(tmp_path, retries=0)
+    run = tmp_path / "results" / "runs" / "digits-tiny"
+    steps = ["train.steps=60", "train.checkpoint_every=5", "sample.seeds=[0]"]
+    proc = snakemake(tmp_path, profile, *steps, wait=False)
+    wait_for(lambda: checkpoint_step(run) >= 5, 900, "a checkpoint")
+    subprocess.run(["scancel", "--user", "root"], check=True)
+    proc.communicate(timeout=600)
+    saved = checkpoint_step(run)
+    assert saved >= 5 and not (run / "train.json").exists()
+    again = snakemake(tmp_path, profile, *steps)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+    result = json.loads((run / "train.json").read_text())
+    assert result["resumed_from"] >= saved and result["final_step"] == 60
