@@ -113,8 +113,13 @@ def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str | 
         for start in range(0, len(images), 32):
             inputs = processor(text=prompts[start : start + 32], images=images[start : start + 32], return_tensors="pt",
                                padding=True, truncation=True).to(device)
-            img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-            txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"],
-                                                      attention_mask=inputs["attention_mask"]), dim=-1)
+            img = F.normalize(_embeds(model.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
+            txt = F.normalize(_embeds(model.get_text_features(input_ids=inputs["input_ids"],
+                                                              attention_mask=inputs["attention_mask"])), dim=-1)
             scores.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
     return {"clip_score": float(torch.cat(scores).mean()), "clip_model": clip_model}
+
+
+def _embeds(out) -> torch.Tensor:
+    """The projected embeddings: transformers 5 wraps them in an output object (pooler_output)."""
+    return out if torch.is_tensor(out) else out.pooler_output

@@ -6,7 +6,7 @@ with `sample.checkpoints` a `checkpoints.png` (checkpoint x prompt, first seed) 
 training checkpoints, and `metrics.json`: validation loss on the held-out latents (per checkpoint
 too), `digit_accuracy` when prompts name handwritten digits, and a CLIP score when
 `sample.clip_model` is a local CLIP folder. Each image has its own generator seeded by its seed, so
-the same config gives the same images whatever the batch size.
+the same config gives the same images (and another batch size the same up to kernel rounding).
 
     python -m workflow.sample --config config.yaml --model results/runs/digits-tiny/model \
         --base-model resources/models/tiny-digits --latents results/latents/digits/tiny-digits_32px \
