@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 SNAKEMAKE_ARGS ?=
 
-.PHONY: install run test dry-run clean
+.PHONY: test-slurm test-faults install run test dry-run clean
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ dry-run: install
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The Slurm tests: they install Debian's slurm packages if missing and start a one-node cluster (root).
+test-slurm: install
+	$(VENV)/bin/python -m pytest -m slurm $(PYTEST_ARGS)
+
+# Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs).
+test-faults: install
+	$(VENV)/bin/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 clean:
 	rm -rf results resources logs benchmarks .snakemake

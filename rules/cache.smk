@@ -12,7 +12,7 @@ rule cache:
         f"logs/latents/{CFG.dataset_name}/{CFG.encoder_key}.log",
     benchmark:
         f"benchmarks/latents/{CFG.dataset_name}/{CFG.encoder_key}.tsv"
-    threads: workflow.cores
+    threads: job_cores()
     resources:
         **gpu_job(SLURM.gpus_per_node, SLURM.cache_minutes),
     shell:

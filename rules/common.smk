@@ -1,5 +1,6 @@
 # Config loading/validation and the paths every rule shares. All logic lives in workflow/.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,11 +26,14 @@ def stage_cfg(stage):
     return json.dumps(stage_config(CFG, stage), sort_keys=True)
 
 
-def train_procs():
-    """Ranks `train` starts here: one per visible GPU, else train.procs."""
+def train_threads():
+    """Here: one per rank `train` starts (one per visible GPU, else train.procs). On a cluster: the
+    cores of one node's GPUs."""
+    if os.environ.get("SLURM_JOB_ID") or workflow._cores is None:
+        return SLURM.cpus_per_gpu * SLURM.gpus_per_node
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else CFG.train.procs
+    return max(torch.cuda.device_count() if torch.cuda.is_available() else CFG.train.procs, 1)
 
 
 # ---- Slurm resources (profiles/slurm); a local run ignores them
@@ -56,3 +60,14 @@ def train_job():
     if SLURM.signal_seconds:
         res["slurm_extra"] = f"--signal=USR1@{SLURM.signal_seconds}"
     return res
+
+
+def job_cores():
+    """A job's threads: every core here; on a cluster (also inside its jobs, where --cores means the
+    node's cores) the cores of one GPU's share, so a job never asks for more than it was given."""
+    if os.environ.get("SLURM_JOB_ID"):  # inside a cluster job, --cores is the whole node's
+        return SLURM.cpus_per_gpu
+    try:
+        return workflow.cores
+    except WorkflowError:  # submitting to a cluster: no --cores
+        return SLURM.cpus_per_gpu

@@ -22,6 +22,6 @@ rule fetch_model:
         f"logs/models/{CFG.model_name}.log",
     benchmark:
         f"benchmarks/models/{CFG.model_name}.tsv"
-    threads: workflow.cores
+    threads: job_cores()
     shell:
         "{PY} -m workflow.fetch_model --config {params.cfg:q} {params.data} --out {output} > {log} 2>&1"

@@ -21,7 +21,7 @@ rule sample:
         f"{LOGS}/sample.log",
     benchmark:
         f"{BENCH}/sample.tsv"
-    threads: workflow.cores
+    threads: job_cores()
     resources:
         **gpu_job(1, SLURM.sample_minutes),
     shell:

@@ -24,7 +24,7 @@ rule train:
         f"{LOGS}/train.log",
     benchmark:
         f"{BENCH}/train.tsv"
-    threads: max(train_procs(), 1)
+    threads: train_threads()
     resources:
         **train_job(),
     shell:

@@ -4,7 +4,7 @@ Needs Debian's `slurmctld slurmd slurm-client munge` (`.ci/run` installs them) a
 GPUs are character devices behind gres.conf, so GPU requests are scheduled as on a GPU node (the
 jobs then find no CUDA and run on the CPU).
 
-    python tests/slurm_cluster.py start | stop | status
+    python tests/slurm_cluster.py install | start | stop | status
 """
 
 from __future__ import annotations
@@ -22,14 +22,28 @@ GRES = Path("/etc/slurm/gres.conf")
 FAKE_GPUS = [Path("/dev/fakegpu0"), Path("/dev/fakegpu1")]
 
 
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
 def available() -> str | None:
     """None if a cluster can be started here, else why not."""
     missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if not shutil.which(t)]
     if missing:
-        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        return f"Slurm is not installed ({', '.join(missing)} missing): apt-get install {' '.join(PACKAGES)}"
     if os.geteuid() != 0:
         return "starting slurmd needs root"
     return None
+
+
+def install() -> None:
+    """Debian's Slurm and munge, if missing (seconds from the package mirror; needs root)."""
+    if shutil.which("slurmctld") and shutil.which("munged") and shutil.which("sbatch"):
+        return
+    if os.geteuid() != 0:
+        raise RuntimeError(f"the Slurm tests need root to install {' '.join(PACKAGES)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env)
 
 
 def slurm_conf(host: str, cpus: int, mem_mb: int) -> str:
@@ -107,4 +121,4 @@ def stop() -> None:
 
 
 if __name__ == "__main__":
-    {"start": start, "stop": stop, "status": lambda: print(available() or "ok")}[sys.argv[1]]()
+    {"install": install, "start": start, "stop": stop, "status": lambda: print(available() or "ok")}[sys.argv[1]]()

@@ -8,7 +8,6 @@ cancelled with scancel is resumed by the next run from its last checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,8 +19,7 @@ import yaml
 from conftest import REPO, TINY_OVERRIDES, stage_env
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WHY_NOT = slurm_cluster.available()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None and not os.environ.get("CI"), reason=str(WHY_NOT))
+pytestmark = pytest.mark.slurm
 
 SLURM_OVERRIDES = ["slurm.gpus_per_node=2", "slurm.cpus_per_gpu=1", "slurm.mem_mb_per_gpu=2000",
                    "slurm.train_minutes=20", "slurm.signal_seconds=60", "slurm.cache_minutes=10",
@@ -30,8 +28,7 @@ SLURM_OVERRIDES = ["slurm.gpus_per_node=2", "slurm.cpus_per_gpu=1", "slurm.mem_m
 
 @pytest.fixture(scope="module")
 def cluster():
-    if WHY_NOT:
-        pytest.fail(f"CI must run the Slurm tests: {WHY_NOT}")
+    slurm_cluster.install()
     slurm_cluster.start()
     yield
     slurm_cluster.stop()
@@ -43,7 +40,7 @@ def test_profile(tmp_path: Path, retries: int = 1) -> Path:
     profile["default-resources"] = {"slurm_partition": "debug", "runtime": 10, "mem_mb": 1000}
     profile |= {"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 2, "retries": retries,
                 "latency-wait": 5, "slurm-init-seconds-before-status-checks": 2,
-                "slurm-logdir": str(tmp_path / "slurm_logs")}
+                "slurm-logdir": str(tmp_path / "slurm_logs"), "slurm-keep-successful-logs": True}
     folder = tmp_path / "profile"
     folder.mkdir()
     (folder / "config.yaml").write_text(yaml.safe_dump(profile))
@@ -100,7 +97,7 @@ def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, tmp_path):
 def test_time_limit_signal_saves_and_the_retry_resumes(cluster, tmp_path):
     profile = test_profile(tmp_path)
     run = tmp_path / "results" / "runs" / "digits-tiny"
-    steps = ["train.steps=300", "train.checkpoint_every=1000", "train.log_every=10"]
+    steps = ["train.steps=100", "train.checkpoint_every=1000", "train.log_every=5"]
     proc = snakemake(tmp_path, profile, *steps, "sample.seeds=[0]", wait=False)
     job = wait_for(running_train_job, 600, "the train job")
     wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 2, 300,
@@ -110,7 +107,7 @@ def test_time_limit_signal_saves_and_the_retry_resumes(cluster, tmp_path):
     assert proc.returncode == 0, out[-6000:]
     log = (tmp_path / "logs" / "digits-tiny" / "train.log").read_text()
     result = json.loads((run / "train.json").read_text())
-    assert 0 < result["resumed_from"] < 300 and result["final_step"] == 300, log[-3000:]
+    assert 0 < result["resumed_from"] < 100 and result["final_step"] == 100, log[-3000:]
 
 
 def test_cancelled_job_is_resumed_by_the_next_run(cluster, tmp_path):

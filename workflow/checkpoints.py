@@ -108,14 +108,28 @@ def set_rng_states(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the filesystem is full); the previous one is intact."""
+
+
 def save(engine, ckpt_dir: Path, progress: dict[str, Any], ema, cfg: Config, world, lora: bool) -> str:
     """Every rank calls this. `progress` (step, epoch, data position, bad steps) goes into DeepSpeed's
     client state; RNG states and the EMA shard into this rank's own file."""
     tag = checkpoint_tag(progress["step"])
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(progress), save_latest=False,
-                           exclude_frozen_parameters=lora)
-    with atomic_file(ckpt_dir / tag / f"rank{world.rank:03d}.pt", "wb") as f:
-        torch.save({"rng": rng_states(), "ema": ema.state_dict(), "progress": progress}, f)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(progress), save_latest=False,
+                               exclude_frozen_parameters=lora)
+        with atomic_file(ckpt_dir / tag / f"rank{world.rank:03d}.pt", "wb") as f:
+            torch.save({"rng": rng_states(), "ema": ema.state_dict(), "progress": progress}, f)
+        error = None
+    except (OSError, RuntimeError) as e:  # a full or failing filesystem (torch wraps some as RuntimeError)
+        error = e
+    if world.any(error is not None):
+        previous = latest_checkpoint(ckpt_dir)
+        raise CheckpointSaveError(f"saving checkpoint {ckpt_dir / tag} failed"
+                                  + (f" on this rank: {error}" if error else " on another rank")
+                                  + f"; the previous checkpoint {previous or '(none)'} is intact and a rerun "
+                                  f"resumes from it")
     torch.distributed.barrier()
     if world.is_main:
         write_json(ckpt_dir / tag / "meta.json", {**progress, "world_size": world.size,

@@ -165,6 +165,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept")
     resume: Literal["auto", "never"] = Field("auto", description="never: delete old checkpoints and start fresh")
     max_bad_steps: int = Field(10, ge=0, description="micro-steps with a non-finite loss skipped before stopping")
+    skip_corrupt: bool = Field(False, description="skip (and count) a corrupt latent shard instead of stopping")
     log_every: int = Field(25, ge=1)
     wandb: WandbConfig = WandbConfig()
 

@@ -63,8 +63,11 @@ def slurm_geometry() -> dict[str, str]:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                            check=True).stdout.split()
-    return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-            "MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + int(env["SLURM_JOB_ID"]) % 20000)}
+    geometry = {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+                "MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + int(env["SLURM_JOB_ID"]) % 20000)}
+    if "SLURM_CPUS_PER_TASK" in env:  # a task's own cores, not the job's (Snakemake sets the latter)
+        geometry["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
+    return geometry
 
 
 # Exit code of a rank (and of the stage) that stopped on SIGTERM/SIGUSR1 after saving a checkpoint:
@@ -105,7 +108,7 @@ def relaunch(module: str, argv: list[str], nprocs: int) -> int:
                 p.kill()
 
 
-def _wait_all(procs: list[subprocess.Popen], grace_s: float = 60.0) -> int:
+def _wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:
     failed_at = None
     while any(p.poll() is None for p in procs):
         codes = [p.returncode for p in procs if p.returncode not in (None, 0, EXIT_PREEMPTED)]

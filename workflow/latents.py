@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .fsutil import read_json
+from .fsutil import read_json, sha256_file
 from .shards import iter_shard, npy_load
 
 
@@ -55,8 +55,13 @@ def validation_samples(latent_dir: Path, val_samples: int) -> list[dict]:
     return out
 
 
+class CorruptShard(ValueError):
+    """A latent shard that is missing, truncated or not what the cache wrote (sha256)."""
+
+
 class LatentStream:
-    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int = 0):
+    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int = 0,
+                 skip_corrupt: bool = False):
         self.dir = Path(latent_dir)
         self.manifest = read_json(self.dir / "manifest.json", "latent cache manifest")
         self.shards = self.manifest["shards"]
@@ -64,6 +69,8 @@ class LatentStream:
         self.counts = [int(s["count"]) - len(h) for s, h in zip(self.shards, self.held_out)]  # trainable
         self.count = sum(self.counts)
         self.seed, self.world_size, self.rank = seed, world_size, rank
+        self.skip_corrupt = skip_corrupt
+        self.corrupt: dict[str, str] = {}  # shard name -> what is wrong, for the shards skipped
         self.per_rank = self.count // world_size  # samples per rank per epoch
         if self.per_rank == 0:
             raise ValueError(f"latent cache {self.dir} holds {self.count} samples: fewer than the {world_size} ranks")
@@ -76,21 +83,40 @@ class LatentStream:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
 
-    def _shard_samples(self, shard_index: int, epoch: int) -> list[dict]:
-        """One shard's raw samples in this epoch's order (the last shard read is kept)."""
+    def _shard_samples(self, shard_index: int, epoch: int) -> list[dict] | None:
+        """One shard's raw samples in this epoch's order (the last shard read is kept); None for a
+        corrupt shard under skip_corrupt."""
         if self._loaded is None or self._loaded[0] != (shard_index, epoch):
             shard = self.shards[shard_index]
-            path = self.dir / shard["name"]
-            samples = list(iter_shard(path))
-            if len(samples) != shard["count"]:
-                raise ValueError(f"latent shard {path} holds {len(samples)} samples, manifest says {shard['count']}")
+            try:
+                samples = self._read_verified(shard)
+            except CorruptShard as e:
+                if not self.skip_corrupt:
+                    raise
+                self.corrupt[shard["name"]] = str(e)
+                self._loaded = ((shard_index, epoch), None)
+                return None
             samples = [s for i, s in enumerate(samples) if i not in self.held_out[shard_index]]
             order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(samples))
             self._loaded = ((shard_index, epoch), [samples[i] for i in order])
         return self._loaded[1]
 
-    def _epoch_block(self, epoch: int, offset: int) -> Iterator[dict]:
-        """This rank's samples of `epoch`, from its `offset`-th on; shards outside the block are not read."""
+    def _read_verified(self, shard: dict) -> list[dict]:
+        path = self.dir / shard["name"]
+        try:
+            samples = list(iter_shard(path))
+        except (OSError, ValueError) as e:
+            raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
+        if len(samples) != shard["count"]:
+            raise CorruptShard(f"latent shard {path} holds {len(samples)} samples, the manifest says {shard['count']}")
+        if "sha256" in shard and sha256_file(path) != shard["sha256"]:
+            raise CorruptShard(f"latent shard {path} is corrupt: its sha256 differs from the cache manifest's")
+        return samples
+
+    def _epoch_block(self, epoch: int, offset: int) -> Iterator[tuple[int, dict | None]]:
+        """(offset in block, raw sample) of this rank's samples of `epoch` from its `offset`-th on;
+        a corrupt shard skipped under skip_corrupt yields None for each of its samples. Shards
+        outside the block are not read."""
         start = self.rank * self.per_rank + offset
         end = (self.rank + 1) * self.per_rank
         shard_start = 0
@@ -98,27 +124,39 @@ class LatentStream:
             n = self.counts[shard_index]
             lo, hi = max(start, shard_start), min(end, shard_start + n)
             if lo < hi:
-                yield from self._shard_samples(shard_index, epoch)[lo - shard_start : hi - shard_start]
+                samples = self._shard_samples(shard_index, epoch)
+                for k in range(lo, hi):
+                    yield k - self.rank * self.per_rank, None if samples is None else samples[k - shard_start]
             shard_start += n
             if shard_start >= end:
                 return
 
     def samples_from(self, position: int) -> Iterator[dict]:
         """Decoded samples of this rank's stream from its `position`-th sample on (endless)."""
+        for _, sample in self.positioned_samples(position):
+            yield sample
+
+    def positioned_samples(self, position: int) -> Iterator[tuple[int, dict]]:
+        """(stream position after the sample, decoded sample). Samples of a skipped corrupt shard are
+        passed over but still count in the position, so a resumed run reads what this one read."""
         epoch, offset = self.epoch_and_offset(position)
         while True:
-            for raw in self._epoch_block(epoch, offset):
-                yield decode_latent_sample(raw)
+            for k, raw in self._epoch_block(epoch, offset):
+                if raw is not None:
+                    yield epoch * self.per_rank + k + 1, decode_latent_sample(raw)
             epoch, offset = epoch + 1, 0
 
     def batches(self, position: int, micro_batch: int, pin: bool = False, prefetch: int = 4) -> Iterator[dict]:
         """Micro-batches from sample `position` on, collated by a background thread that stays
-        `prefetch` batches ahead (pinned for an asynchronous copy to the GPU when `pin`)."""
+        `prefetch` batches ahead (pinned for an asynchronous copy to the GPU when `pin`). Each batch
+        carries `position`: where the stream stands after it."""
         def produce() -> Iterator[dict]:
-            stream = self.samples_from(position)
+            stream = self.positioned_samples(position)
             while True:
-                batch = collate([next(stream) for _ in range(micro_batch)])
-                yield {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+                taken = [next(stream) for _ in range(micro_batch)]
+                batch = collate([s for _, s in taken])
+                batch = {k: v.pin_memory() for k, v in batch.items()} if pin else batch
+                yield batch | {"position": taken[-1][0]}
 
         return prefetched(produce(), prefetch)
 

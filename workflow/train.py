@@ -8,8 +8,9 @@ each optimizer step: micro-batches -> loss -> engine.backward/step -> EMA -> log
         --model resources/models/tiny-digits --data results/data/digits --run-dir results/runs/digits-tiny
 
 Started once, it starts `train.procs` ranks (CPU, gloo) or one per GPU; every rank saves. Exit codes:
-0 done (<run-dir>/train.json written), 2 bad input, 3 too many non-finite losses, 75 stopped by
-SIGTERM/SIGUSR1 after saving a checkpoint (rerun to resume).
+0 done (<run-dir>/train.json written), 2 bad input, 3 too many non-finite losses, 4 a checkpoint
+could not be written (the previous one is intact), 75 stopped by SIGTERM/SIGUSR1 after saving a
+checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, l
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 4
 
 
 class TrainingDiverged(RuntimeError):
@@ -154,7 +156,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     prediction_type = t.prediction_type or scheduler.config.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples)
+    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt)
 
     engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
@@ -180,9 +182,9 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         losses, lr = [], lr_sched.get_last_lr()[0]  # the rate this step applies
         while len(losses) < t.grad_accum:
             gen = step_generator(t.seed, position, world.rank, device)
-            loss = diffusion_loss(engine, scheduler, next(batches), null_text, cfg, scaling, prediction_type, gen,
-                                  device, dtype)
-            position += t.micro_batch
+            batch = next(batches)
+            position = batch.pop("position")
+            loss = diffusion_loss(engine, scheduler, batch, null_text, cfg, scaling, prediction_type, gen, device, dtype)
             if world.any(not bool(torch.isfinite(loss))):
                 # Skip this micro-batch on every rank before backward: no gradient, no DeepSpeed
                 # counter, no optimizer state sees it. The step takes the next micro-batch instead.
@@ -237,6 +239,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
+              "corrupt_shards_skipped": _gather_corrupt(stream.corrupt, world),
               "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step,
               "digest": ema.digest(world)}
     torch.distributed.barrier()
@@ -244,6 +247,15 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         write_json(run_dir / "train.json", result)
         print(f"train: done at step {step}, loss {last_loss:.4f}", flush=True)
     return result
+
+
+def _gather_corrupt(corrupt: dict[str, str], world: World) -> dict[str, str]:
+    """Corrupt shards any rank skipped (train.skip_corrupt), with what was wrong."""
+    if world.size == 1:
+        return dict(corrupt)
+    gathered: list = [None] * world.size
+    torch.distributed.all_gather_object(gathered, corrupt, group=world.control)
+    return {k: v for part in gathered for k, v in part.items()}
 
 
 def _grad_norm_before_step(engine, cfg: Config) -> float | None:
@@ -303,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_DIVERGED) from None
+    except checkpoints.CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_SAVE_FAILED) from None
 
 
 if __name__ == "__main__":

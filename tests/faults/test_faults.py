@@ -1,0 +1,223 @@
+"""Fault injection on CPU with 2 ranks: kill, corrupt, misconfigure, fill the disk. Nothing may be
+lost; every failure must be a clear error. `make test-faults` (and CI) runs it; the ledger prints
+faults injected / survived / data lost at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_OVERRIDES, run_stage, stage_env, tiny_config
+from test_cache import test_killed_cache_reruns_to_the_same_content as killed_cache_check
+from test_stages import test_train_refuses_a_stale_cache as stale_cache_check
+from test_train import _kill_during, final_weights, test_non_finite_losses_are_skipped_then_stop_training, train
+
+from workflow.latents import LatentStream
+
+pytestmark = pytest.mark.faults
+
+RESUME = ["train.zero_stage=2", "train.steps=12", "train.checkpoint_every=2", "train.lr=3e-3"]
+
+
+def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
+    """Tensors that differ (or are missing): the data a fault lost."""
+    return len(set(a) ^ set(b)) + sum(1 for k in set(a) & set(b) if not torch.equal(a[k], b[k]))
+
+
+@pytest.fixture(scope="module")
+def straight(built, tmp_path_factory) -> dict[str, torch.Tensor]:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(built, run_dir, *RESUME)
+    return final_weights(run_dir)
+
+
+def test_sigkill_at_five_random_steps(built, tmp_path, straight, ledger):
+    run_dir = tmp_path / "run"
+    kills = sorted(random.Random().sample(range(1, 12), 5))
+    for step in kills:
+        _kill_during(built, run_dir, RESUME, step)
+    train(built, run_dir, *RESUME)
+    lost = differing(straight, final_weights(run_dir))
+    for step in kills:
+        ledger.record(f"SIGKILL of training at step {step}", lost == 0, 0)
+    ledger.rows[-1] = (ledger.rows[-1][0], lost == 0, lost)
+    assert lost == 0, f"killed at {kills}: {lost} tensors differ from the uninterrupted run"
+
+
+def test_sigkill_during_a_checkpoint_save(built, tmp_path, straight, ledger):
+    """Kill every process while a checkpoint is half-written: `latest` still names the previous,
+    complete one; the half-written one is never used; the rerun ends as if nothing happened."""
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    cfg = tiny_config(*RESUME)
+    cmd = [sys.executable, "-m", "workflow.train", "--config", json.dumps(cfg.model_dump(mode="json")),
+           "--latents", str(built["latents"]), "--model", str(built["model"]), "--data", str(built["data"]),
+           "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = None
+    while proc.poll() is None and partial is None:
+        if ckpt.is_dir():
+            tags = [d for d in ckpt.glob("step*") if d.is_dir() and any(d.iterdir())]
+            partial = next((d for d in tags if not (d / "meta.json").exists() and d.name != "step00000002"
+                            and (ckpt / "latest").exists()), None)
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial is not None, "training ended before a save could be interrupted"
+    latest = (ckpt / "latest").read_text().strip()
+    caught = not (partial / "meta.json").exists()  # the kill landed inside the save
+    assert latest < partial.name and (ckpt / latest / "meta.json").is_file()
+    rerun = train(built, run_dir, *RESUME)
+    assert f"resumed from step {int(latest[4:])}" in rerun.stdout
+    lost = differing(straight, final_weights(run_dir))
+    ledger.record(f"SIGKILL during checkpoint save ({partial.name}{'' if caught else ', just completed'})",
+                  lost == 0, lost)
+    assert lost == 0
+
+
+def test_sigkill_during_caching(built, tmp_path, ledger):
+    killed_cache_check(built, tmp_path)  # rerun completes, identical arrays, no truncated shard kept
+    ledger.record("SIGKILL during caching", True, 0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bytes flipped"])
+def test_corrupt_latent_shard_is_named_or_skipped(built, tmp_path, damage, ledger):
+    latents = tmp_path / "latents"
+    shutil.copytree(built["latents"], latents)
+    stream = LatentStream(latents, seed=0, world_size=2, rank=0, val_samples=64)
+    first = stream.shards[stream._epoch_order(0)[0]]["name"]  # the first shard rank 0 reads
+    path = latents / first
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+
+    stopped = train(built, tmp_path / "stop", latents=latents, check=False)
+    assert stopped.returncode == 2 and first in stopped.stderr, stopped.stderr[-2000:]
+    assert not (tmp_path / "stop" / "train.json").exists()
+    train(built, tmp_path / "skip", "train.skip_corrupt=true", latents=latents)
+    result = json.loads((tmp_path / "skip" / "train.json").read_text())
+    assert list(result["corrupt_shards_skipped"]) == [first] and result["final_step"] == 4
+    ledger.record(f"latent shard {damage}", True, 0)
+
+
+def test_stale_cache_is_refused(built, tmp_path, ledger):
+    stale_cache_check(built, tmp_path)
+    ledger.record("stale cache (resolution changed)", True, 0)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.bogus=1", "train.bogus: unknown key"),
+    ("train.steps=ten", "train.steps"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("train.lr=-0.1", "train.lr"),
+    ("train.micro_batch=0", "train.micro_batch"),
+    ("data.source=s3://bucket/images", "data.source"),
+])
+def test_config_errors_name_the_key_and_write_nothing(tmp_path, override, key, ledger):
+    config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in TINY_OVERRIDES + [override])]
+    proc = subprocess.run([str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(REPO / "Snakefile"),
+                           "--directory", str(tmp_path), "--cores", "2", "--configfile", str(REPO / "config.yaml"),
+                           "--config", *config], capture_output=True, text=True, env=stage_env(), timeout=300)
+    assert proc.returncode != 0 and key in proc.stdout + proc.stderr
+    assert not any((tmp_path / d).exists() for d in ("results", "resources", "logs"))
+    ledger.record(f"config error {override}", True, 0)
+
+
+def test_missing_model_path_is_named(built, tmp_path, ledger):
+    proc = run_stage("fetch_model", tiny_config("model.pretrained=/nonexistent/sd15"), "--data", str(built["data"]),
+                     "--out", str(tmp_path / "model"), check=False)
+    assert proc.returncode == 2 and "/nonexistent/sd15" in proc.stderr
+    assert not (tmp_path / "model").exists()
+    ledger.record("missing model path", True, 0)
+
+
+def test_full_filesystem_while_saving(built, tmp_path, straight, ledger):
+    """A checkpoint that does not fit: clear error (exit 4), the previous checkpoint intact and
+    resumable, the final weights as if nothing happened."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    probe = tmp_path / "probe"
+    train(built, probe, *RESUME[:1], "train.steps=2", "train.checkpoint_every=2")
+    size = sum(f.stat().st_size for f in (probe / "checkpoints" / "step00000002").rglob("*") if f.is_file())
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) + (2 << 20)}", "tmpfs", str(mount)], check=True)
+    try:
+        run_dir = mount / "run"
+        proc = train(built, run_dir, *RESUME, "train.keep_checkpoints=2", check=False)
+        assert proc.returncode == 4, (proc.stdout + proc.stderr)[-3000:]
+        assert "step00000002 is intact" in proc.stderr
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
+        rescued = tmp_path / "rescued"
+        shutil.copytree(run_dir, rescued)  # as a user would: move the run to a disk with space
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    rerun = train(built, rescued, *RESUME)
+    assert "resumed from step 2" in rerun.stdout
+    lost = differing(straight, final_weights(rescued))
+    ledger.record("filesystem full while saving a checkpoint", lost == 0, lost)
+    assert lost == 0
+
+
+def test_non_finite_loss(built, tmp_path, ledger):
+    test_non_finite_losses_are_skipped_then_stop_training(built, tmp_path)  # skipped + counted; then stopped
+    ledger.record("NaN in the latents (non-finite loss)", True, 0)
+
+
+def test_snakemake_retry_resumes_training(tmp_path, ledger):
+    """A train job that fails (here: stopped by SIGTERM, exit 75) is retried by Snakemake
+    (--retries 1), and the retry resumes from the checkpoint."""
+    overrides = [o for o in TINY_OVERRIDES if not o.startswith(("train.steps", "train.checkpoint_every"))]
+    overrides += ["train.steps=80", "train.checkpoint_every=1000", "sample.seeds=[0]"]
+    config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in overrides)]
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path), "--cores", "2", "--retries", "1", "--configfile", str(REPO / "config.yaml"),
+           "--config", *config]
+    proc = subprocess.Popen(cmd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "results" / "runs" / "digits-tiny" / "log.jsonl"
+    while not (log.is_file() and log.read_text().count("\n") >= 5):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    ranks = [pid for pid in _pids_in(tmp_path) if "-mworkflow.train" in _cmdline(pid)]
+    assert ranks, "no training processes found"
+    for pid in ranks:  # every training process, as Slurm signals a job step
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    result = json.loads((tmp_path / "results" / "runs" / "digits-tiny" / "train.json").read_text())
+    ok = result["resumed_from"] >= 5 and result["final_step"] == 80
+    ledger.record("Snakemake train job failure with --retries", ok, 0)
+    assert ok, result
+
+
+def _pids_in(folder: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b"").decode(errors="replace")
+    except OSError:
+        return ""
