@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,38 @@ def built(tmp_path_factory) -> dict[str, Path]:
     run_stage("fetch_model", cfg, "--data", str(paths["data"]), "--out", str(paths["model"]))
     run_stage("cache", cfg, "--data", str(paths["data"]), "--model", str(paths["model"]), "--out", str(paths["latents"]))
     return paths
+
+
+# ---------------------------------------------------------------- fault ledger (tests/faults)
+# Every fault test records what it injected and whether anything was lost; the session ends by
+# printing the totals.
+
+
+@dataclass
+class Ledger:
+    rows: list[tuple[str, bool, int]] = field(default_factory=list)
+
+    def record(self, fault: str, survived: bool, data_lost: int = 0) -> None:
+        self.rows.append((fault, survived, data_lost))
+
+
+LEDGER = Ledger()
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return LEDGER
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not LEDGER.rows:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("fault injection: fault | survived | data lost")
+    for fault, survived, lost in LEDGER.rows:
+        write(f"  {fault} | {'yes' if survived else 'NO'} | {lost}")
+    injected = len(LEDGER.rows)
+    survived = sum(1 for _, ok, _ in LEDGER.rows if ok)
+    lost = sum(n for _, _, n in LEDGER.rows)
+    write(f"faults injected: {injected}, survived: {survived}, data lost: {lost}")

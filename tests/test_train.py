@@ -233,6 +233,8 @@ def _poison_latents(built, dst: Path, source_ids: set[int]) -> None:
                     mean = npy_load(s["mean.npy"])
                     s["mean.npy"] = npy_bytes(np.full_like(mean, np.nan))
                 tar.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+        shard["sha256"] = tar.info["sha256"]  # a cache that really holds NaNs, not a corrupted file
+    (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_non_finite_losses_are_skipped_then_stop_training(built, tmp_path):

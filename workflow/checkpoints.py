@@ -12,8 +12,10 @@ Tags without meta.json are half-written and are deleted before the next run star
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,9 @@ def set_rng_states(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+EXIT_SAVE_FAILED = 4
+
+
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. the filesystem is full); the previous one is intact."""
 
@@ -123,13 +128,16 @@ def save(engine, ckpt_dir: Path, progress: dict[str, Any], ema, cfg: Config, wor
             torch.save({"rng": rng_states(), "ema": ema.state_dict(), "progress": progress}, f)
         error = None
     except (OSError, RuntimeError) as e:  # a full or failing filesystem (torch wraps some as RuntimeError)
-        error = e
-    if world.any(error is not None):
-        previous = latest_checkpoint(ckpt_dir)
-        raise CheckpointSaveError(f"saving checkpoint {ckpt_dir / tag} failed"
-                                  + (f" on this rank: {error}" if error else " on another rank")
-                                  + f"; the previous checkpoint {previous or '(none)'} is intact and a rerun "
-                                  f"resumes from it")
+        error = CheckpointSaveError(f"saving checkpoint {ckpt_dir / tag} failed on rank {world.rank}: {e}; the "
+                                    f"previous checkpoint {latest_checkpoint(ckpt_dir) or '(none)'} is intact and "
+                                    f"a rerun resumes from it")
+    if error is not None:
+        if world.size == 1:
+            raise error
+        # The other ranks may be waiting in one of DeepSpeed's collectives that this rank skipped:
+        # leave now, with the error, and let the launcher (or srun --kill-on-bad-exit) end them.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        os._exit(EXIT_SAVE_FAILED)
     torch.distributed.barrier()
     if world.is_main:
         write_json(ckpt_dir / tag / "meta.json", {**progress, "world_size": world.size,

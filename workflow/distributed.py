@@ -109,18 +109,22 @@ def relaunch(module: str, argv: list[str], nprocs: int) -> int:
 
 
 def _wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:
+    """Wait for every rank. The first rank to fail on its own gives the exit code; the others get
+    `grace_s` to follow and are then killed (they may wait for it in a collective)."""
+    first_failure = None
     failed_at = None
     while any(p.poll() is None for p in procs):
-        codes = [p.returncode for p in procs if p.returncode not in (None, 0, EXIT_PREEMPTED)]
-        if codes and failed_at is None:
-            failed_at = time.monotonic()
+        if first_failure is None:
+            first_failure = next((p.returncode for p in procs if p.returncode not in (None, 0, EXIT_PREEMPTED)), None)
+            failed_at = time.monotonic() if first_failure is not None else None
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             break
         time.sleep(0.2)
     codes = [p.poll() for p in procs]
-    errors = [c for c in codes if c not in (0, EXIT_PREEMPTED)]
-    if errors:
-        return next(c for c in errors if c is not None) if any(c is not None for c in errors) else 1
+    if first_failure is None:
+        first_failure = next((c for c in codes if c not in (0, EXIT_PREEMPTED)), None)
+    if first_failure is not None:
+        return first_failure if first_failure > 0 else 1
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 

@@ -39,7 +39,7 @@ from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, l
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_DIVERGED = 3
-EXIT_SAVE_FAILED = 4
+EXIT_SAVE_FAILED = checkpoints.EXIT_SAVE_FAILED
 
 
 class TrainingDiverged(RuntimeError):

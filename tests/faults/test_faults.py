@@ -19,7 +19,8 @@ import torch
 from conftest import REPO, TINY_OVERRIDES, run_stage, stage_env, tiny_config
 from test_cache import test_killed_cache_reruns_to_the_same_content as killed_cache_check
 from test_stages import test_train_refuses_a_stale_cache as stale_cache_check
-from test_train import _kill_during, final_weights, test_non_finite_losses_are_skipped_then_stop_training, train
+from test_train import _kill_during, final_weights, train
+from test_train import test_non_finite_losses_are_skipped_then_stop_training as non_finite_check
 
 from workflow.latents import LatentStream
 
@@ -174,7 +175,7 @@ def test_full_filesystem_while_saving(built, tmp_path, straight, ledger):
 
 
 def test_non_finite_loss(built, tmp_path, ledger):
-    test_non_finite_losses_are_skipped_then_stop_training(built, tmp_path)  # skipped + counted; then stopped
+    non_finite_check(built, tmp_path)  # skipped + counted; then stopped
     ledger.record("NaN in the latents (non-finite loss)", True, 0)
 
 
