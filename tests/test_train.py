@@ -182,7 +182,8 @@ def test_killed_and_resumed_run_is_bitwise_identical(built, tmp_path, mode):
     kill_at = random.Random().randint(2, 7)
     _kill_during(built, tmp_path / "killed", overrides, kill_at)
     proc = train(built, tmp_path / "killed", *overrides)
-    assert "resumed from step" in proc.stdout or kill_at < 3, proc.stdout[-1000:]
+    if kill_at > 3:  # killed at step 3 itself, the step-3 checkpoint may not have been complete yet
+        assert "resumed from step" in proc.stdout, proc.stdout[-1000:]
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert straight.keys() == resumed.keys()
     if mode == "lora":
