@@ -40,6 +40,14 @@ class World:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
+    def gather(self, obj: Any) -> list[Any]:
+        """`obj` of every rank (host-side objects, over the control group)."""
+        if self.size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(gathered, obj, group=self.control)
+        return gathered
+
 
 def procs_wanted(cpu_procs: int) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else cpu_procs

@@ -126,7 +126,7 @@ class TrainingEMAs:
     def digest(self, world) -> dict[str, dict[str, list[float]]]:
         """Checksums of the full raw (fp32 master) and EMA weights, summed over every rank's fragments,
         so the merge stage can check its consolidation against what the engine held."""
-        names = _all_names(self.main.names, world)
+        names = sorted(set().union(*map(set, world.gather(self.main.names))))  # a rank may hold none of some
         parts = torch.zeros(2, len(names), 3, dtype=torch.float64)
         index = {n: i for i, n in enumerate(names)}
         for row, tensors in enumerate((self.main.sources, self.main.shadow)):
@@ -135,15 +135,6 @@ class TrainingEMAs:
         if world.size > 1:
             torch.distributed.all_reduce(parts, group=world.control)
         return {kind: {n: parts[row, i].tolist() for n, i in index.items()} for row, kind in enumerate(("raw", "ema"))}
-
-
-def _all_names(names: list[str], world) -> list[str]:
-    """The union of parameter names over ranks (a rank may hold no fragment of some parameters)."""
-    if world.size == 1:
-        return names
-    gathered: list = [None] * world.size
-    torch.distributed.all_gather_object(gathered, names, group=world.control)
-    return sorted(set().union(*map(set, gathered)))
 
 
 def checksum(values: torch.Tensor, offset: int = 0) -> torch.Tensor:

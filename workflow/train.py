@@ -239,7 +239,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
-              "corrupt_shards_skipped": _gather_corrupt(stream.corrupt, world),
+              "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
               "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step,
               "digest": ema.digest(world)}
     torch.distributed.barrier()
@@ -247,15 +247,6 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         write_json(run_dir / "train.json", result)
         print(f"train: done at step {step}, loss {last_loss:.4f}", flush=True)
     return result
-
-
-def _gather_corrupt(corrupt: dict[str, str], world: World) -> dict[str, str]:
-    """Corrupt shards any rank skipped (train.skip_corrupt), with what was wrong."""
-    if world.size == 1:
-        return dict(corrupt)
-    gathered: list = [None] * world.size
-    torch.distributed.all_gather_object(gathered, corrupt, group=world.control)
-    return {k: v for part in gathered for k, v in part.items()}
 
 
 def _grad_norm_before_step(engine, cfg: Config) -> float | None:
