@@ -43,7 +43,9 @@ clean:
 WHEELHOUSE ?= wheelhouse
 WHEELHOUSE_PKGS := diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 pydantic==2.14.3 \
 	pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 hjson==3.1.0 \
-	py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2 peft==0.21.2 importlib-metadata==10.2.0
+	py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2 peft==0.21.2 importlib-metadata==10.2.0 \
+	tensorboard==2.21.0 tensorboard-data-server==0.7.2 absl-py==2.5.1 grpcio==1.85.3 markdown==3.11.3 \
+	werkzeug==3.1.9 markupsafe==3.0.4 protobuf==7.36.2
 WHEEL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64
 

@@ -25,26 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from bench_common import write_jpegs  # noqa: E402
 from workflow.cache import DECODE_THREADS, LatentEncoder, cache_shard, decoded_batches  # noqa: E402
 from workflow.config import load_config  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
-
-
-def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
-    """Photo-like JPEGs (smooth gradients + noise; pure noise would compress unrealistically)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    with open(folder / "metadata.jsonl", "w") as meta:
-        for i in range(n):
-            base = np.stack([np.sin(xx / (20 + 10 * c + i % 7)) + np.cos(yy / (30 + 5 * c)) for c in range(3)], -1)
-            img = (127 + 60 * base + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{i:05d}.jpg", quality=90)
-            meta.write(json.dumps({"file_name": f"{i:05d}.jpg", "text": f"a synthetic photo number {i}"}) + "\n")
 
 
 def sync(device: torch.device) -> None:

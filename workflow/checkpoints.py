@@ -29,7 +29,8 @@ from .fsutil import atomic_file, read_json, sha256_json, write_json
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                      "train.resume", "train.max_bad_steps", "train.wandb", "train.procs", "cache.procs",
                      "cache.batch_size", "ema.use", "ema.offload", "ema.target_sigma_rel", "ema.fuse_lora",
-                     "ema.posthoc.snapshot_every"}
+                     "ema.posthoc.snapshot_every",
+                     "train.compile", "train.channels_last"}  # how the step runs, not what it computes
 
 
 def training_settings(cfg: Config) -> dict[str, Any]:

@@ -152,6 +152,8 @@ class TrainConfig(Section):
     offload_params: Literal["none", "cpu"] = Field("none", description="cpu: parameters on the CPU between uses (ZeRO 3)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
+    channels_last: bool = Field(False, description="UNet weights and activations in channels-last memory format")
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
     val_samples: int = Field(64, ge=0, description="cached samples held out of training for the validation loss")

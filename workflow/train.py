@@ -51,6 +51,8 @@ def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     unet = load_unet(model_dir)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.train.channels_last:
+        unet.to(memory_format=torch.channels_last)
     return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
@@ -234,6 +236,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
             bar.close()
             raise SystemExit(EXIT_PREEMPTED)
     bar.close()
+    peak_gb = [round(max(column) / 2**30, 2) for column in zip(*world.gather(_peak_gpu_memory(device)))]
 
     result = {"final_step": step, "final_loss": last_loss, "fingerprint": checkpoints.training_fingerprint(cfg),
               "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
@@ -241,7 +244,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
               "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
               "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step,
-              "digest": ema.digest(world)}
+              "peak_gpu_allocated_gb": peak_gb[0] if peak_gb else None,
+              "peak_gpu_reserved_gb": peak_gb[1] if peak_gb else None, "digest": ema.digest(world)}
     torch.distributed.barrier()
     if world.is_main:
         write_json(run_dir / "train.json", result)
@@ -255,6 +259,13 @@ def _grad_norm_before_step(engine, cfg: Config) -> float | None:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return _float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+def _peak_gpu_memory(device: torch.device) -> tuple[int, ...]:
+    """(allocated, reserved) peak bytes of this rank's GPU; () on the CPU."""
+    if device.type != "cuda":
+        return ()
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
 
 
 def _mean_over_ranks(x: torch.Tensor) -> float:

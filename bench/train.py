@@ -1,0 +1,206 @@
+"""Benchmark the train stage against a plain-PyTorch loop, in the same run. Prints JSON.
+
+    python bench/train.py                                  # GPU: SD 1.5 UNet, 512 px, config/gpu.yaml
+    python bench/train.py --gpus 1,2,4                     # scaling: the stage on 1, 2 and 4 GPUs
+    python bench/train.py --set train.micro_batch=1 --set train.offload_optimizer=cpu --no-baseline
+    python bench/train.py --model builtin:tiny --images 96 --resolution 32 --set train.micro_batch=4 \\
+        --set train.compile=false --steps 6 --warmup 2 --log-every 2          # CPU smoke run
+
+Steps: build the model (`builtin:sd15-arch` = SD 1.5's architecture, random weights: real shapes,
+real cost), write synthetic JPEGs, run `prepare`, `fetch_model` and `cache` (the stages' own
+functions), then time
+  plain_pytorch: the same UNet, batch, precision (autocast), compile and memory-format settings in a
+                 textbook loop: fused AdamW, clipping, no EMA, latents already on the GPU;
+  train_stage:   `python -m workflow.train` itself (DeepSpeed engine, EMA, data streamed from the
+                 latent shards by its prefetch thread, one rank per GPU), from its log.jsonl.
+Steady state = the steps after `--warmup` (compilation, allocator warm-up). Peak memory is
+torch.cuda.max_memory_allocated (and _reserved) of the busiest rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from bench_common import write_jpegs  # noqa: E402
+from workflow.cache import cache  # noqa: E402
+from workflow.config import Config, deep_merge, load_config  # noqa: E402
+from workflow.fetch_model import fetch_model  # noqa: E402
+from workflow.latents import LatentStream  # noqa: E402
+from workflow.models import latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
+from workflow.prepare import prepare  # noqa: E402
+
+
+def bench_config(args: argparse.Namespace, root: Path) -> Config:
+    raw = yaml.safe_load((REPO / "config.yaml").read_text())
+    if args.configfile:
+        raw = deep_merge(raw, yaml.safe_load(Path(args.configfile).read_text()) or {})
+    fixed = [f"model.pretrained={args.model}", f"data.source=imagefolder:{root / 'jpegs'}", "data.shard_size=256",
+             f"cache.resolution={args.resolution}", f"train.steps={args.steps}", f"train.log_every={args.log_every}",
+             f"train.checkpoint_every={10**6}", "train.val_samples=0", "train.warmup_steps=0"]
+    return load_config(json.dumps(raw), fixed + args.set)
+
+
+def build_inputs(cfg: Config, root: Path, images: int) -> tuple[Path, Path, Path]:
+    """Prepared data, model folder and latent cache under `root` (kept between runs)."""
+    data, model, latents = root / "data", root / "model", root / "latents"
+    if not (root / "jpegs").is_dir():
+        write_jpegs(root / "jpegs", images, (cfg.cache.resolution + 64, cfg.cache.resolution))
+    if not (data / "manifest.json").is_file():
+        prepare(cfg, data)
+    if not (model / "model_index.json").is_file():
+        fetch_model(cfg, model, data)
+    if not (latents / "manifest.json").is_file():
+        cache(cfg, data, model, latents)
+    return data, model, latents
+
+
+def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, warmup: int) -> dict:
+    """The textbook loop on the same UNet: what the DeepSpeed step is held to."""
+    t = cfg.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet = load_unet(model_dir).to(device)
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if t.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if t.compile:
+        unet.compile()
+    unet.train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    scheduler = load_noise_scheduler(model_dir)
+    alphas = scheduler.alphas_cumprod.to(device)
+    scale, shift = latent_scaling(load_vae(model_dir))
+    stream = LatentStream(latent_dir, t.seed).batches(0, t.micro_batch)
+    resident = [{k: v.to(device) for k, v in next(stream).items() if k != "position"} for _ in range(4)]
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+
+    def step(batch: dict) -> None:
+        latents = (batch["mean"][:, 0].float() + batch["std"][:, 0].float() * torch.randn_like(batch["mean"][:, 0],
+                                                                                             dtype=torch.float32))
+        latents = (latents - shift) * scale
+        noise = torch.randn_like(latents)
+        ts = torch.randint(0, len(alphas), (len(latents),), device=device)
+        a = alphas[ts].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            pred = unet(noisy, ts, encoder_hidden_states=batch["texts"][:, 0].float()).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        if t.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), t.max_grad_norm, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup):
+        step(resident[i % len(resident)])
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps - warmup):
+        step(resident[i % len(resident)])
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 1),
+              "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+              "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
+    del unet, opt, resident
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Path, gpus: int, warmup: int) -> dict:
+    """`python -m workflow.train` on `gpus` GPUs; steady-state img/s from its log.jsonl."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus))), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "workflow.train", "--config", cfg.model_dump_json(), "--latents", str(latents),
+           "--model", str(model), "--data", str(data), "--run-dir", str(run_dir)]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train stage failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    result = json.loads((run_dir / "train.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    timed = [r for r in records if r["step"] > warmup]
+    if not timed:
+        raise SystemExit(f"no log records after step {warmup}: raise --steps or lower --warmup/--log-every")
+    images = seconds = 0.0
+    previous = warmup
+    for r in timed:
+        n = result["global_batch"] * (r["step"] - previous)
+        images, seconds, previous = images + n, seconds + n / r["images_per_s"], r["step"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoint is ~15 GB
+    return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),
+            "peak_allocated_gb": result["peak_gpu_allocated_gb"], "peak_reserved_gb": result["peak_gpu_reserved_gb"],
+            "final_loss": result["final_loss"], "wall_s": round(time.time() - started, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configfile", default=str(REPO / "config" / "gpu.yaml"), help="laid over config.yaml ('' for none)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.zero_stage=2")
+    ap.add_argument("--model", default="builtin:sd15-arch")
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--gpus", default="1", help="comma-separated GPU counts for the train stage")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--workdir", default=None, help="kept between runs (model, data, latents)")
+    ap.add_argument("--label", default="")
+    args = ap.parse_args()
+    if args.warmup % args.log_every:
+        ap.error("--warmup must be a multiple of --log-every")
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = bench_config(args, root)
+    started = time.time()
+    data, model, latents = build_inputs(cfg, root, args.images)
+    setup_s = round(time.time() - started, 1)
+    # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less.
+    shm = Path("/dev/shm")
+    runs_root = shm / "bench-train-runs" if shm.is_dir() and shutil.disk_usage(shm).free > 64 * 2**30 else root
+    gpu_counts = [int(g) for g in args.gpus.split(",")]
+    result = {"bench": "train", "label": args.label,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+              "model": args.model, "resolution": args.resolution, "overrides": args.set,
+              "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
+                                                             "offload_optimizer", "compile", "channels_last",
+                                                             "gradient_checkpointing", "mode")},
+              "ema": cfg.ema.decay, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
+    if not args.no_baseline:
+        result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup)
+    runs = [train_stage(cfg, data, model, latents, runs_root / f"run-{g}gpu", g, args.warmup) for g in gpu_counts]
+    result["train_stage"] = runs
+    if not args.no_baseline:
+        result["ratio_to_plain"] = round(runs[0]["img_s_per_gpu"] / result["plain_pytorch"]["img_s"], 3)
+    one = next((r for r in runs if r["gpus"] == 1), None)
+    if one:
+        result["scaling"] = {str(r["gpus"]): round(r["img_s"] / (r["gpus"] * one["img_s"]), 3) for r in runs}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
