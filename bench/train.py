@@ -43,6 +43,7 @@ from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
 from workflow.models import latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
+from workflow.profiling import StepProfiler  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
@@ -69,7 +70,7 @@ def build_inputs(cfg: Config, root: Path, images: int) -> tuple[Path, Path, Path
     return data, model, latents
 
 
-def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, warmup: int) -> dict:
+def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, warmup: int, profile_dir: Path) -> dict:
     """The textbook loop on the same UNet: what the DeepSpeed step is held to."""
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,8 +110,12 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    shutil.rmtree(profile_dir, ignore_errors=True)
+    profiler = StepProfiler(t.profile_at, profile_dir, True, 0)
     for i in range(warmup):
         step(resident[i % len(resident)])
+        profiler.step()
+    profiler.close()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -122,10 +127,17 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 1),
               "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
               "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
+    if (profile_dir / "summary.json").is_file():
+        result["profile"] = profile_summary(profile_dir)
     del unet, opt, resident
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def profile_summary(folder: Path, top: int = 8) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    return summary | {"top_gpu": summary["top_gpu"][:top], "top_host": summary["top_host"][:top]}
 
 
 def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Path, gpus: int, warmup: int) -> dict:
@@ -149,10 +161,11 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
     for r in timed:
         n = result["global_batch"] * (r["step"] - previous)
         images, seconds, previous = images + n, seconds + n / r["images_per_s"], r["step"]
+    profile = profile_summary(run_dir / "profile") if (run_dir / "profile" / "summary.json").is_file() else None
     shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoint is ~15 GB
     return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),
             "peak_allocated_gb": result["peak_gpu_allocated_gb"], "peak_reserved_gb": result["peak_gpu_reserved_gb"],
-            "final_loss": result["final_loss"], "wall_s": round(time.time() - started, 1)}
+            "final_loss": result["final_loss"], "wall_s": round(time.time() - started, 1), "profile": profile}
 
 
 def main() -> None:
@@ -169,10 +182,14 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--workdir", default=None, help="kept between runs (model, data, latents)")
     ap.add_argument("--label", default="")
+    ap.add_argument("--profile", action="store_true", help="profile 3 warm-up steps of each loop (train.profile_at)")
     args = ap.parse_args()
     if args.warmup % args.log_every:
         ap.error("--warmup must be a multiple of --log-every")
-
+    if args.profile:
+        if args.warmup < 6:
+            ap.error("--profile needs --warmup 6 or more (3 profiled steps after the first ones)")
+        args.set.append(f"train.profile_at={args.warmup - 4}")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
     cfg = bench_config(args, root)
@@ -191,7 +208,8 @@ def main() -> None:
                                                              "gradient_checkpointing", "mode")},
               "ema": cfg.ema.decay, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
     if not args.no_baseline:
-        result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup)
+        result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup,
+                                                 root / "profile-plain")
     runs = [train_stage(cfg, data, model, latents, runs_root / f"run-{g}gpu", g, args.warmup) for g in gpu_counts]
     result["train_stage"] = runs
     if not args.no_baseline:

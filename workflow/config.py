@@ -169,6 +169,8 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(10, ge=0, description="micro-steps with a non-finite loss skipped before stopping")
     skip_corrupt: bool = Field(False, description="skip (and count) a corrupt latent shard instead of stopping")
     log_every: int = Field(25, ge=1)
+    profile_at: int | None = Field(None, ge=1, description="profile optimizer steps N+1..N+3 on rank 0 into "
+                                   "<run>/profile/ (torch.profiler: per-op CPU and GPU time); null: off")
     wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, read_json, write_json
 from .latents import LatentStream
 from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, load_vae
+from .profiling import StepProfiler
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXIT_DIVERGED = 3
@@ -180,6 +181,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     started = window_start = time.time()
     last_loss, grad_norm, saved_at = float("nan"), None, -1
     bar = _progress_bar(world, start_step, t.steps)
+    profiler = StepProfiler(t.profile_at, run_dir / "profile", world.is_main, start_step)
     while step < t.steps:
         losses, lr = [], lr_sched.get_last_lr()[0]  # the rate this step applies
         while len(losses) < t.grad_accum:
@@ -207,6 +209,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         ema.update(step)
         if ema.snapshot_due(step, t.steps):
             ema.snapshot(run_dir / "posthoc", step, world)
+        profiler.step()
 
         if step % t.log_every == 0 or step == t.steps:
             last_loss = _mean_over_ranks(torch.stack(losses).mean())
@@ -236,6 +239,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
             bar.close()
             raise SystemExit(EXIT_PREEMPTED)
     bar.close()
+    profiler.close()
     peak_gb = [round(max(column) / 2**30, 2) for column in zip(*world.gather(_peak_gpu_memory(device)))]
 
     result = {"final_step": step, "final_loss": last_loss, "fingerprint": checkpoints.training_fingerprint(cfg),
