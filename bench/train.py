@@ -39,6 +39,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from bench_common import write_jpegs  # noqa: E402
 from workflow.cache import cache  # noqa: E402
 from workflow.config import Config, deep_merge, load_config  # noqa: E402
+from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
 from workflow.models import latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
@@ -148,7 +149,8 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
     cmd = [sys.executable, "-m", "workflow.train", "--config", cfg.model_dump_json(), "--latents", str(latents),
            "--model", str(model), "--data", str(data), "--run-dir", str(run_dir)]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          preexec_fn=die_with_parent)  # a killed bench leaves no rank holding the GPU
     if proc.returncode != 0:
         raise SystemExit(f"train stage failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     result = json.loads((run_dir / "train.json").read_text())

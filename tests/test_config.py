@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -11,6 +13,14 @@ def test_default_config_file_matches_typed_defaults():
     assert load_config(REPO / "config.yaml") == Config()
     written = yaml.safe_load((REPO / "config.yaml").read_text())
     assert _keys(written) == _keys(Config().model_dump(mode="json")), "config.yaml must list every key"
+
+
+def test_gpu_config_lays_over_the_defaults():
+    merged = yaml.safe_load((REPO / "config.yaml").read_text())
+    for section, values in yaml.safe_load((REPO / "config" / "gpu.yaml").read_text()).items():
+        merged[section] |= values
+    cfg = load_config(json.dumps(merged))
+    assert cfg.train.precision == "bf16" and cfg.cache.resolution == 512
 
 
 def _keys(node, prefix=""):

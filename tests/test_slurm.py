@@ -34,6 +34,13 @@ def cluster():
     slurm_cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """One Snakemake folder for the module: the later tests reuse the prepared data, model and latent
+    cache (each under its own run name), so only their training and what follows runs again."""
+    return tmp_path_factory.mktemp("slurm_workdir")
+
+
 def test_profile(tmp_path: Path, retries: int = 1) -> Path:
     """profiles/slurm with this cluster's site settings (what a user edits)."""
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
@@ -80,47 +87,47 @@ def checkpoint_step(run: Path) -> int:
     return int(latest.read_text().strip()[4:]) if latest.is_file() else 0
 
 
-def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, tmp_path):
+def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_path):
     profile = test_profile(tmp_path)
-    proc = snakemake(tmp_path, profile)
+    proc = snakemake(workdir, profile)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    run = tmp_path / "results" / "runs" / "digits-tiny"
+    run = workdir / "results" / "runs" / "digits-tiny"
     for rule in ("prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files"):
         assert list((tmp_path / "slurm_logs" / f"rule_{rule}").rglob("*.log")), f"{rule} was not a Slurm job"
     result = json.loads((run / "train.json").read_text())
     assert result["world_size"] == 2 and result["final_step"] == 4
-    log = (tmp_path / "logs" / "digits-tiny" / "train.log").read_text()
+    log = (workdir / "logs" / "digits-tiny" / "train.log").read_text()
     assert "train: done at step 4" in log
     assert (run / "samples" / "metrics.json").is_file() and (run / "model" / "model_index.json").is_file()
 
 
-def test_time_limit_signal_saves_and_the_retry_resumes(cluster, tmp_path):
+def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_path):
     profile = test_profile(tmp_path)
-    run = tmp_path / "results" / "runs" / "digits-tiny"
-    steps = ["train.steps=100", "train.checkpoint_every=1000", "train.log_every=5"]
-    proc = snakemake(tmp_path, profile, *steps, "sample.seeds=[0]", wait=False)
+    run = workdir / "results" / "runs" / "slurm-usr1"
+    steps = ["run=slurm-usr1", "train.steps=40", "train.checkpoint_every=1000", "train.log_every=5"]
+    proc = snakemake(workdir, profile, *steps, "sample.seeds=[0]", wait=False)
     job = wait_for(running_train_job, 600, "the train job")
     wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 2, 300,
              "training steps")
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what --signal=USR1@<s> sends
     out, _ = proc.communicate(timeout=1500)
     assert proc.returncode == 0, out[-6000:]
-    log = (tmp_path / "logs" / "digits-tiny" / "train.log").read_text()
+    log = (workdir / "logs" / "slurm-usr1" / "train.log").read_text()
     result = json.loads((run / "train.json").read_text())
-    assert 0 < result["resumed_from"] < 100 and result["final_step"] == 100, log[-3000:]
+    assert 0 < result["resumed_from"] < 40 and result["final_step"] == 40, log[-3000:]
 
 
-def test_cancelled_job_is_resumed_by_the_next_run(cluster, tmp_path):
+def test_cancelled_job_is_resumed_by_the_next_run(cluster, workdir, tmp_path):
     profile = test_profile(tmp_path, retries=0)
-    run = tmp_path / "results" / "runs" / "digits-tiny"
-    steps = ["train.steps=60", "train.checkpoint_every=5", "sample.seeds=[0]"]
-    proc = snakemake(tmp_path, profile, *steps, wait=False)
+    run = workdir / "results" / "runs" / "slurm-cancel"
+    steps = ["run=slurm-cancel", "train.steps=30", "train.checkpoint_every=5", "sample.seeds=[0]"]
+    proc = snakemake(workdir, profile, *steps, wait=False)
     wait_for(lambda: checkpoint_step(run) >= 5, 900, "a checkpoint")
     subprocess.run(["scancel", "--user", "root"], check=True)
     proc.communicate(timeout=600)
     saved = checkpoint_step(run)
     assert saved >= 5 and not (run / "train.json").exists()
-    again = snakemake(tmp_path, profile, *steps)
+    again = snakemake(workdir, profile, *steps)
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     result = json.loads((run / "train.json").read_text())
-    assert result["resumed_from"] >= saved and result["final_step"] == 60
+    assert result["resumed_from"] >= saved and result["final_step"] == 30

@@ -67,6 +67,8 @@ def test_generated_deepspeed_config(tmp_path):
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16} and not ds["bf16"]["enabled"]
     plain = deepspeed_config(tiny_config("train.precision=bf16"), 1, tmp_path)
     assert plain["bf16"]["enabled"] and plain["zero_optimization"] == {"stage": 0} and "wandb" not in plain
+    # No per-step device synchronisation from DeepSpeed's throughput timer or bf16 gradient scan.
+    assert plain["timers"]["throughput"]["enabled"] is False and plain["bf16"]["check_grad_overflow"] is False
 
 
 @pytest.mark.parametrize("override, names", [
@@ -273,7 +275,7 @@ def test_options_train_and_log(built, tmp_path):
     train(built, run_dir, "train.mode=lora", "train.lora.rank=4", "train.precision=bf16", "train.zero_stage=1",
           "train.grad_accum=2", "train.snr_gamma=5", "train.noise_offset=0.05", "train.input_perturbation=0.1",
           "train.prediction_type=epsilon", "train.gradient_checkpointing=true", "train.lr_schedule=cosine",
-          "train.keep_checkpoints=1", "train.wandb.enabled=true")
+          "train.keep_checkpoints=1", "train.wandb.enabled=true", "train.profile_at=1")
     records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["grad_norm"] is not None and r["images_per_s"] > 0 for r in records)
@@ -283,3 +285,7 @@ def test_options_train_and_log(built, tmp_path):
     assert list((run_dir / "monitor" / "wandb").glob("offline-run-*"))
     result = json.loads((run_dir / "train.json").read_text())
     assert result["mode"] == "lora" and result["prediction_type"] == "epsilon"
+    assert result["peak_gpu_allocated_gb"] is None  # no GPU here
+    profile = json.loads((run_dir / "profile" / "summary.json").read_text())  # steps 2-4 profiled
+    assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0 and profile["top_host"]
+    assert "aten::" in (run_dir / "profile" / "ops.txt").read_text()

@@ -98,7 +98,7 @@ def relaunch(module: str, argv: list[str], nprocs: int) -> int:
         cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
         env["OMP_NUM_THREADS"] = str(max(1, cores // nprocs))
     procs = [subprocess.Popen([sys.executable, "-m", module, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              preexec_fn=_die_with_parent) for r in range(nprocs)]
+                              preexec_fn=die_with_parent) for r in range(nprocs)]
 
     def forward(signum, _frame):
         for p in procs:
@@ -136,7 +136,7 @@ def _wait_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> int:
     return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: a rank gets SIGKILL when the launcher dies, so no orphan holds the GPU or the port."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

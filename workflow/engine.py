@@ -34,7 +34,10 @@ def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, A
         # DeepSpeed's throughput timer synchronizes the GPU at every forward and step, which stops
         # the host from queueing work ahead; the train loop measures throughput itself.
         "timers": {"throughput": {"enabled": False}},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 cannot overflow the way fp16 does; DeepSpeed's per-gradient inf/NaN scan (several
+        # kernels per parameter plus a host sync every step) is left to the train loop's
+        # non-finite-loss check, which skips the micro-batch before backward.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         # loss_scale 0 = dynamic loss scaling; overflowing steps are skipped by DeepSpeed and counted.
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "csv_monitor": {"enabled": True, "output_path": monitor, "job_name": "train"},

@@ -12,6 +12,7 @@ checkpoint resumes it exactly: no iterator state.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -21,8 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .fsutil import read_json, sha256_file
-from .shards import iter_shard, npy_load
+from .fsutil import read_json
+from .shards import iter_shard, npy_load, shard_samples
 
 
 # The held-out validation samples are drawn with a fixed seed, not train.seed, so that runs with
@@ -104,13 +105,17 @@ class LatentStream:
     def _read_verified(self, shard: dict) -> list[dict]:
         path = self.dir / shard["name"]
         try:
-            samples = list(iter_shard(path))
-        except (OSError, ValueError) as e:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
+        if "sha256" in shard and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise CorruptShard(f"latent shard {path} is corrupt: its sha256 differs from the cache manifest's")
+        try:
+            samples = shard_samples(data, str(path))
+        except ValueError as e:
             raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
         if len(samples) != shard["count"]:
             raise CorruptShard(f"latent shard {path} holds {len(samples)} samples, the manifest says {shard['count']}")
-        if "sha256" in shard and sha256_file(path) != shard["sha256"]:
-            raise CorruptShard(f"latent shard {path} is corrupt: its sha256 differs from the cache manifest's")
         return samples
 
     def _epoch_block(self, epoch: int, offset: int) -> Iterator[tuple[int, dict | None]]:

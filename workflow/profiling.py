@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from .fsutil import write_json
@@ -43,14 +44,19 @@ class StepProfiler:
         events = prof.key_averages()
         steps = [e for e in events if e.key.startswith("ProfilerStep")]
         wall_us = sum(e.cpu_time_total for e in steps)
-        gpu_us = sum(e.self_device_time_total for e in events if not e.key.startswith("ProfilerStep"))
+        # Kernels only: an op's device time is its kernels' time again.
+        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
         top = lambda attr: [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1e3 / PROFILED_STEPS, 2),
                              "calls_per_step": e.count // PROFILED_STEPS}
-                            for e in sorted(events, key=lambda e: -getattr(e, attr))[:25]]
+                            for e in sorted(events, key=lambda e: -getattr(e, attr)) if not e.key.startswith("ProfilerStep")][:25]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / "summary.json", {
             "steps": PROFILED_STEPS, "wall_ms_per_step": round(wall_us / 1e3 / PROFILED_STEPS, 2),
             "gpu_busy_ms_per_step": round(gpu_us / 1e3 / PROFILED_STEPS, 2),
+            # Host cost scales with these: each op is a dispatch, each launch a driver call.
+            "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) // PROFILED_STEPS,
+            "kernel_launches_per_step": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                              "cudaLaunchKernelExC")) // PROFILED_STEPS,
             "top_gpu": top("self_device_time_total"), "top_host": top("self_cpu_time_total")})
         (self.out_dir / "ops.txt").write_text(events.table(sort_by="self_device_time_total", row_limit=40) + "\n"
                                               + events.table(sort_by="self_cpu_time_total", row_limit=40))

@@ -115,6 +115,17 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
         raise ValueError(f"shard {path} is unreadable: {e}") from e
 
 
+def shard_samples(data: bytes, name: str) -> list[dict[str, Any]]:
+    """Raw samples of a shard already read into memory (grouped as `iter_shard` groups them), so a
+    reader that also hashes the bytes reads the file once."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    try:
+        return list(group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": name}])))
+    except Exception as e:  # a truncated or corrupt tar: say which shard
+        raise ValueError(f"shard {name} is unreadable: {e}") from e
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
