@@ -113,6 +113,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
         torch.cuda.reset_peak_memory_stats()
     shutil.rmtree(profile_dir, ignore_errors=True)
     profiler = StepProfiler(t.profile_at, profile_dir, True, 0)
+    warm_start = time.perf_counter()
     for i in range(warmup):
         step(resident[i % len(resident)])
         profiler.step()
@@ -120,12 +121,13 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
+    warmup_s = start - warm_start  # includes compilation
     for i in range(steps - warmup):
         step(resident[i % len(resident)])
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 1),
+    result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 1), "warmup_s": round(warmup_s, 1),
               "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
               "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
     if (profile_dir / "summary.json").is_file():
@@ -165,9 +167,17 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
         images, seconds, previous = images + n, seconds + n / r["images_per_s"], r["step"]
     profile = profile_summary(run_dir / "profile") if (run_dir / "profile" / "summary.json").is_file() else None
     shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoint is ~15 GB
+    first = records[0]  # its window holds the compilation
     return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),
+            "first_window_s": round(result["global_batch"] * first["step"] / first["images_per_s"], 1),
+            "checkpoint_s": result["last_checkpoint_s"],
             "peak_allocated_gb": result["peak_gpu_allocated_gb"], "peak_reserved_gb": result["peak_gpu_reserved_gb"],
             "final_loss": result["final_loss"], "wall_s": round(time.time() - started, 1), "profile": profile}
+
+
+def progress(what: str, value) -> None:
+    """A line on stderr as each part finishes, so a run cut short still shows what it measured."""
+    print(f"bench: {what} {json.dumps(value)}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -198,6 +208,7 @@ def main() -> None:
     started = time.time()
     data, model, latents = build_inputs(cfg, root, args.images)
     setup_s = round(time.time() - started, 1)
+    progress("setup_s", setup_s)
     # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less.
     shm = Path("/dev/shm")
     runs_root = shm / "bench-train-runs" if shm.is_dir() and shutil.disk_usage(shm).free > 64 * 2**30 else root
@@ -212,7 +223,11 @@ def main() -> None:
     if not args.no_baseline:
         result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup,
                                                  root / "profile-plain")
-    runs = [train_stage(cfg, data, model, latents, runs_root / f"run-{g}gpu", g, args.warmup) for g in gpu_counts]
+        progress("plain_pytorch", result["plain_pytorch"])
+    runs = []
+    for g in gpu_counts:
+        runs.append(train_stage(cfg, data, model, latents, runs_root / f"run-{g}gpu", g, args.warmup))
+        progress("train_stage", runs[-1])
     result["train_stage"] = runs
     if not args.no_baseline:
         result["ratio_to_plain"] = round(runs[0]["img_s_per_gpu"] / result["plain_pytorch"]["img_s"], 3)

@@ -10,8 +10,8 @@ import torch
 from conftest import run_stage, tiny_config
 from test_train import train
 
-from workflow.ema import (checksum, consolidate, gather_fragments, load_ema, load_rank_files, reconstruct_posthoc,
-                          verify_against_engine)
+from workflow.ema import (checkpoint_unet, checksum, consolidate, gather_fragments, load_ema, load_rank_files,
+                          reconstruct_posthoc, verify_against_engine)
 from workflow.models import load_unet
 from workflow.posthoc import sigma_rel_to_gamma, solve_coefficients
 
@@ -96,6 +96,14 @@ def test_lora_file_reloads_and_changes_the_output(built, tmp_path):
     fused = image(StableDiffusionPipeline.from_pretrained(model, **load))
     assert (with_lora - before).abs().max() > 1e-3
     torch.testing.assert_close(fused, with_lora, atol=2e-3, rtol=0)  # alpha (scale 2) survived the export
+
+    # The sample stage's per-checkpoint UNet (checkpoint_unet) is the fused model too.
+    cfg = tiny_config(*overrides)
+    from_checkpoint = checkpoint_unet(cfg, built["model"], run_dir / "checkpoints", "step00000006")
+    fused_unet = load_unet(model)
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(from_checkpoint(x, t, text).sample, fused_unet(x, t, text).sample, atol=1e-4, rtol=0)
 
 
 def test_posthoc_reconstruction_matches_a_tracked_profile(built, tmp_path):

@@ -317,13 +317,20 @@ def checkpoint_unet(cfg: Config, model_dir: Path, ckpt_dir: Path, tag: str):
     weights = {k: v.view(raw[k].shape) for k, v in load_ema(ckpt_dir, tag).items()} if cfg.ema.use else raw
     unet = load_unet(model_dir)
     if cfg.train.mode == "lora":
-        add_lora(unet, cfg.train.lora)
-        unet.load_state_dict(weights, strict=False)
+        load_adapters(add_lora(unet, cfg.train.lora), weights)
         unet.fuse_lora()
         unet.unload_lora()
     else:
         unet.load_state_dict(weights, strict=True)
     return unet
+
+
+def load_adapters(unet, weights: dict) -> None:
+    """Trained LoRA weights into `unet`'s adapters (the frozen base weights are not in them); every
+    adapter weight must be there, so a checkpoint of other adapters is refused, not half-loaded."""
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if unexpected or any("lora_" in k for k in missing):
+        raise ValueError(f"LoRA weights do not fit the adapters: {(unexpected or missing)[:3]}")
 
 
 def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> None:
@@ -360,9 +367,7 @@ def export_lora(cfg: Config, model_dir: Path, main: dict, other: dict, tmp: Path
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: not JSON
 
     def save_adapter(weights: dict, folder: Path) -> None:
-        missing, unexpected = unet.load_state_dict(weights, strict=False)
-        if unexpected or any("lora_" in k for k in missing):
-            raise ValueError(f"LoRA weights do not fit the adapters: {(unexpected or missing)[:3]}")
+        load_adapters(unet, weights)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
                                                   unet_lora_adapter_metadata=metadata)

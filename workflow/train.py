@@ -179,7 +179,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     global_batch = t.micro_batch * t.grad_accum * world.size
     engine.train()
     started = window_start = time.time()
-    last_loss, grad_norm, saved_at = float("nan"), None, -1
+    last_loss, grad_norm, saved_at, save_s = float("nan"), None, -1, None
     bar = _progress_bar(world, start_step, t.steps)
     profiler = StepProfiler(t.profile_at, run_dir / "profile", world.is_main, start_step)
     while step < t.steps:
@@ -230,8 +230,9 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         progress = {"step": step, "epoch": epoch, "position": position, "bad_steps": bad_steps}
         stopping = world.any(stop.signal is not None)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+            save_started = time.time()
             checkpoints.save(engine, ckpt_dir, progress, ema, cfg, world, lora)
-            saved_at = step
+            saved_at, save_s = step, round(time.time() - save_started, 1)
         if stopping:
             if world.is_main:
                 print(f"train: stop signal received; checkpoint saved at step {saved_at}, exiting "
@@ -247,7 +248,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
               "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
-              "seconds_this_run": round(time.time() - started, 1), "resumed_from": start_step,
+              "seconds_this_run": round(time.time() - started, 1), "last_checkpoint_s": save_s,
+              "resumed_from": start_step,
               "peak_gpu_allocated_gb": peak_gb[0] if peak_gb else None,
               "peak_gpu_reserved_gb": peak_gb[1] if peak_gb else None, "digest": ema.digest(world)}
     torch.distributed.barrier()
