@@ -46,9 +46,10 @@ class StepProfiler:
         wall_us = sum(e.cpu_time_total for e in steps)
         # Kernels only: an op's device time is its kernels' time again.
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        ops = [e for e in events if not e.key.startswith("ProfilerStep")]
         top = lambda attr: [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1e3 / PROFILED_STEPS, 2),
                              "calls_per_step": e.count // PROFILED_STEPS}
-                            for e in sorted(events, key=lambda e: -getattr(e, attr)) if not e.key.startswith("ProfilerStep")][:25]
+                            for e in sorted(ops, key=lambda e: -getattr(e, attr))[:25]]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / "summary.json", {
             "steps": PROFILED_STEPS, "wall_ms_per_step": round(wall_us / 1e3 / PROFILED_STEPS, 2),

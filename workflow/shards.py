@@ -108,20 +108,22 @@ def iter_shard(path: str | Path) -> Iterator[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"shard {path} does not exist")
-    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
-    try:
-        yield from pipeline
-    except Exception as e:  # a truncated or corrupt tar: say which shard
-        raise ValueError(f"shard {path} is unreadable: {e}") from e
+    with open(path, "rb") as f:
+        yield from _grouped_samples(f, str(path))
 
 
 def shard_samples(data: bytes, name: str) -> list[dict[str, Any]]:
-    """Raw samples of a shard already read into memory (grouped as `iter_shard` groups them), so a
-    reader that also hashes the bytes reads the file once."""
+    """Raw samples of a shard already read into memory, so a reader that also hashes the bytes
+    reads the file once."""
+    return list(_grouped_samples(io.BytesIO(data), name))
+
+
+def _grouped_samples(stream, name: str) -> Iterator[dict[str, Any]]:
+    """webdataset's grouping of tar members into samples (`key.ext` members share a key)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     try:
-        return list(group_by_keys(tar_file_expander([{"stream": io.BytesIO(data), "url": name}])))
+        yield from group_by_keys(tar_file_expander([{"stream": stream, "url": name}]))
     except Exception as e:  # a truncated or corrupt tar: say which shard
         raise ValueError(f"shard {name} is unreadable: {e}") from e
 
