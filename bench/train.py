@@ -40,6 +40,7 @@ from bench_common import write_jpegs  # noqa: E402
 from workflow.cache import cache  # noqa: E402
 from workflow.config import Config, deep_merge, load_config  # noqa: E402
 from workflow.distributed import die_with_parent  # noqa: E402
+from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
 from workflow.models import latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
@@ -81,7 +82,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     if t.channels_last:
         unet.to(memory_format=torch.channels_last)
     if t.compile:
-        unet.compile()
+        compile_forward(unet)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = load_noise_scheduler(model_dir)
@@ -151,10 +152,14 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
     cmd = [sys.executable, "-m", "workflow.train", "--config", cfg.model_dump_json(), "--latents", str(latents),
            "--model", str(model), "--data", str(data), "--run-dir", str(run_dir)]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          preexec_fn=die_with_parent)  # a killed bench leaves no rank holding the GPU
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage_log = run_dir.with_name(run_dir.name + ".log")  # outside the run folder, kept: read it when cut short
+    with open(stage_log, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              preexec_fn=die_with_parent)  # a killed bench leaves no rank holding the GPU
     if proc.returncode != 0:
-        raise SystemExit(f"train stage failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise SystemExit(f"train stage failed ({proc.returncode}), its output in {stage_log}:\n"
+                         f"{stage_log.read_text()[-6000:]}")
     result = json.loads((run_dir / "train.json").read_text())
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] > warmup]

@@ -96,5 +96,12 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
     engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=lr_sched, config=deepspeed_config(cfg, world_size, run_dir))
     if cfg.train.compile:
-        engine.compile()  # the module in place (nn.Module.compile): state-dict names stay the same
+        compile_forward(unet)
     return engine, lr_sched
+
+
+def compile_forward(module: torch.nn.Module) -> None:
+    """torch.compile `module.forward` in place; state-dict names stay the same. Only forward: compiling
+    the whole call (nn.Module.compile, DeepSpeed's engine.compile) also traces DeepSpeed's forward
+    hooks, where Dynamo breaks the graph five times (a ZeroStageEnum comparison it cannot trace)."""
+    module.forward = torch.compile(module.forward)
