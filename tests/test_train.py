@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from workflow.distributed import EXIT_PREEMPTED
 from workflow.ema import consolidate, load_ema
 from workflow.engine import deepspeed_config, lr_factor
 from workflow.latents import LatentStream
+from workflow.profiling import StepProfiler, SyncSites, gpu_busy_us
 from workflow.shards import AtomicTar, iter_shard, npy_bytes, npy_load
 from workflow.train import EXIT_DIVERGED, min_snr_weights
 
@@ -289,3 +291,43 @@ def test_options_train_and_log(built, tmp_path):
     profile = json.loads((run_dir / "profile" / "summary.json").read_text())  # steps 2-4 profiled
     assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0 and profile["top_host"]
     assert "aten::" in (run_dir / "profile" / "ops.txt").read_text()
+
+
+def test_gpu_busy_counts_overlapping_kernels_once():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(start, end, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               is_user_annotation=annotation)
+
+    kernels = [event(0, 10), event(5, 12), event(20, 25), event(21, 22)]  # two streams overlap
+    others = [event(0, 100, annotation=True), event(0, 1000, DeviceType.CPU)]  # a step's GPU-side span, a host op
+    assert gpu_busy_us(kernels + others) == 17
+
+
+def test_profiler_counts_host_waits_and_names_sync_sites(tmp_path):
+    x = torch.ones(64)
+    profiler = StepProfiler(2, tmp_path, True, 0)
+    for _ in range(6):
+        if bool(torch.isfinite((x * 2).sum())):  # a host read of a tensor: on a GPU it waits for the device
+            x = x + 1
+        profiler.step()
+    profiler.close()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["host_waits"] == [{"wait": "aten::_local_scalar_dense", "calls_per_step": 1.0,
+                                      "ms_per_step": summary["host_waits"][0]["ms_per_step"]}]
+    assert summary["sync_sites"] == []  # no GPU here: no sync warnings
+
+    def reads_the_loss():  # what torch's sync debug mode does at a `.item()` on a GPU
+        warnings.warn("called a synchronizing CUDA operation")
+
+    sites = SyncSites()
+    sites.start()
+    for _ in range(3):
+        reads_the_loss()
+    sites.stop()
+    [site] = sites.summary(3)
+    assert site["calls_per_step"] == 1 and site["at"].startswith("tests/test_train.py:")
+    assert " reads_the_loss <- tests/test_train.py:" in site["at"]

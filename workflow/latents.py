@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .fsutil import read_json
-from .shards import iter_shard, npy_load, shard_samples
+from .shards import npy_load, shard_samples
 
 
 # The held-out validation samples are drawn with a fixed seed, not train.seed, so that runs with
@@ -50,14 +50,32 @@ def validation_samples(latent_dir: Path, val_samples: int) -> list[dict]:
     manifest = read_json(Path(latent_dir) / "manifest.json", "latent cache manifest")
     out = []
     for shard, keep in zip(manifest["shards"], held_out(manifest, val_samples)):
-        if keep:
-            out += [decode_latent_sample(raw) for i, raw in enumerate(iter_shard(Path(latent_dir) / shard["name"]))
+        if keep:  # checked like the training stream's reads: a corrupt shard is an error naming it
+            out += [decode_latent_sample(raw) for i, raw in enumerate(read_verified_shard(Path(latent_dir), shard))
                     if i in keep]
     return out
 
 
 class CorruptShard(ValueError):
     """A latent shard that is missing, truncated or not what the cache wrote (sha256)."""
+
+
+def read_verified_shard(latent_dir: Path, shard: dict) -> list[dict]:
+    """A latent shard's raw samples, read once and checked against its manifest entry (sha256, count)."""
+    path = latent_dir / shard["name"]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
+    if "sha256" in shard and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise CorruptShard(f"latent shard {path} is corrupt: its sha256 differs from the cache manifest's")
+    try:
+        samples = shard_samples(data, str(path))
+    except ValueError as e:
+        raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
+    if len(samples) != shard["count"]:
+        raise CorruptShard(f"latent shard {path} holds {len(samples)} samples, the manifest says {shard['count']}")
+    return samples
 
 
 class LatentStream:
@@ -90,7 +108,7 @@ class LatentStream:
         if self._loaded is None or self._loaded[0] != (shard_index, epoch):
             shard = self.shards[shard_index]
             try:
-                samples = self._read_verified(shard)
+                samples = read_verified_shard(self.dir, shard)
             except CorruptShard as e:
                 if not self.skip_corrupt:
                     raise
@@ -101,22 +119,6 @@ class LatentStream:
             order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(samples))
             self._loaded = ((shard_index, epoch), [samples[i] for i in order])
         return self._loaded[1]
-
-    def _read_verified(self, shard: dict) -> list[dict]:
-        path = self.dir / shard["name"]
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
-        if "sha256" in shard and hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            raise CorruptShard(f"latent shard {path} is corrupt: its sha256 differs from the cache manifest's")
-        try:
-            samples = shard_samples(data, str(path))
-        except ValueError as e:
-            raise CorruptShard(f"latent shard {path} is unreadable: {e}") from None
-        if len(samples) != shard["count"]:
-            raise CorruptShard(f"latent shard {path} holds {len(samples)} samples, the manifest says {shard['count']}")
-        return samples
 
     def _epoch_block(self, epoch: int, offset: int) -> Iterator[tuple[int, dict | None]]:
         """(offset in block, raw sample) of this rank's samples of `epoch` from its `offset`-th on;

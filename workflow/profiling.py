@@ -1,11 +1,15 @@
 """train.profile_at: where a training step's time goes, from torch.profiler on rank 0.
 
 Writes <run>/profile/summary.json (wall time vs GPU-busy time per step: a GPU that waits on the
-host shows as busy < wall) and ops.txt (the ops with the most GPU and host time).
+host shows as busy < wall; how long the host waited for the GPU, and on a GPU at which Python
+lines) and ops.txt (the ops with the most GPU and host time).
 """
 
 from __future__ import annotations
 
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,6 +19,94 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from .fsutil import write_json
 
 PROFILED_STEPS = 3
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # Triton: cuLaunch*
+
+
+def gpu_busy_us(events) -> float:
+    """Time at least one kernel or copy ran on the GPU: the union of their intervals. Summing device
+    times instead counts the GPU-side spans of annotations (ProfilerStep#, record_function) too,
+    and work overlapping on two streams twice."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def host_waits(events, steps: int) -> list[dict]:
+    """Host time spent waiting for the device, per kind of wait (a read of a device value such as
+    `.item()` or `bool(tensor)` counts once, not again for the synchronization inside it)."""
+    calls: Counter = Counter()
+    wait_us: Counter = Counter()
+    for e in events:
+        if e.name in HOST_WAITS and not _has_ancestor(e, HOST_WAITS):
+            calls[e.name] += 1
+            wait_us[e.name] += e.cpu_time_total
+    return [{"wait": name, "calls_per_step": round(calls[name] / steps, 2),
+             "ms_per_step": round(wait_us[name] / 1e3 / steps, 2)} for name in sorted(calls, key=lambda k: -wait_us[k])]
+
+
+def _has_ancestor(event, names) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in names:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+class SyncSites:
+    """The Python lines where the host waits for the GPU (`.item()`, `bool(tensor)`, a copy to the
+    host, synchronize()): torch's CUDA sync debug mode warns at each, and the warning's stack is
+    kept. After such a wait the GPU runs only as fast as the host launches the next work."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self):
+        self.sites: Counter = Counter()
+        self._catch = None
+
+    def start(self) -> None:
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.filterwarnings("always", message=f".*{self.MESSAGE}")
+        shown = warnings.showwarning
+
+        def record(message, *args, **kwargs):
+            if self.MESSAGE not in str(message):
+                return shown(message, *args, **kwargs)
+            self.sites[_calling_lines(traceback.extract_stack()[:-1])] += 1
+
+        warnings.showwarning = record
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._catch is not None:
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(None, None, None)
+            self._catch = None
+
+    def summary(self, steps: int) -> list[dict]:
+        return [{"at": at, "calls_per_step": round(n / steps, 2)} for at, n in self.sites.most_common()]
+
+
+def _calling_lines(stack: traceback.StackSummary, depth: int = 4) -> str:
+    """The innermost `depth` frames outside torch and the warnings module, innermost first."""
+    frames = [f for f in stack if "/torch/" not in f.filename and not f.filename.endswith("warnings.py")]
+    return " <- ".join(f"{_short_path(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-depth:]))
+
+
+def _short_path(path: str) -> str:
+    if "site-packages/" in path:
+        return path.split("site-packages/")[-1]
+    return str(Path(path).relative_to(REPO)) if Path(path).is_relative_to(REPO) else path
 
 
 class StepProfiler:
@@ -29,14 +121,23 @@ class StepProfiler:
         self.prof = profile(activities=activities, on_trace_ready=self._write,
                             schedule=schedule(skip_first=profile_at - 1 - start_step, wait=0, warmup=1,
                                               active=PROFILED_STEPS, repeat=1))
+        self.calls, self.first_active = 0, profile_at - start_step  # step() calls before the first profiled step
+        self.syncs = SyncSites()
         self.prof.start()
 
     def step(self) -> None:
-        if self.prof is not None:
-            self.prof.step()
+        if self.prof is None:
+            return
+        self.calls += 1
+        if self.calls == self.first_active:
+            self.syncs.start()
+        elif self.calls == self.first_active + PROFILED_STEPS:
+            self.syncs.stop()  # before the profiler's step writes the summary
+        self.prof.step()
 
     def close(self) -> None:
         if self.prof is not None:
+            self.syncs.stop()
             self.prof.stop()
             self.prof = None
 
@@ -44,8 +145,7 @@ class StepProfiler:
         events = prof.key_averages()
         steps = [e for e in events if e.key.startswith("ProfilerStep")]
         wall_us = sum(e.cpu_time_total for e in steps)
-        # Kernels only: an op's device time is its kernels' time again.
-        gpu_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        gpu_us = gpu_busy_us(prof.events())
         ops = [e for e in events if not e.key.startswith("ProfilerStep")]
         top = lambda attr: [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1e3 / PROFILED_STEPS, 2),
                              "calls_per_step": e.count // PROFILED_STEPS}
@@ -56,8 +156,9 @@ class StepProfiler:
             "gpu_busy_ms_per_step": round(gpu_us / 1e3 / PROFILED_STEPS, 2),
             # Host cost scales with these: each op is a dispatch, each launch a driver call.
             "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) // PROFILED_STEPS,
-            "kernel_launches_per_step": sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                                              "cudaLaunchKernelExC")) // PROFILED_STEPS,
-            "top_gpu": top("self_device_time_total"), "top_host": top("self_cpu_time_total")})
+            "kernel_launches_per_step": sum(e.count for e in events if e.key in KERNEL_LAUNCHES) // PROFILED_STEPS,
+            "top_gpu": top("self_device_time_total"), "top_host": top("self_cpu_time_total"),
+            "host_waits": host_waits(prof.events(), PROFILED_STEPS),
+            "sync_sites": self.syncs.summary(PROFILED_STEPS)})
         (self.out_dir / "ops.txt").write_text(events.table(sort_by="self_device_time_total", row_limit=40) + "\n"
                                               + events.table(sort_by="self_cpu_time_total", row_limit=40))
