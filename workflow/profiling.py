@@ -145,7 +145,8 @@ class StepProfiler:
         events = prof.key_averages()
         steps = [e for e in events if e.key.startswith("ProfilerStep")]
         wall_us = sum(e.cpu_time_total for e in steps)
-        gpu_us = gpu_busy_us(prof.events())
+        raw = prof.events()  # each event, for what per-name averages lose: intervals, parents
+        gpu_us = gpu_busy_us(raw)
         ops = [e for e in events if not e.key.startswith("ProfilerStep")]
         top = lambda attr: [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1e3 / PROFILED_STEPS, 2),
                              "calls_per_step": e.count // PROFILED_STEPS}
@@ -158,7 +159,7 @@ class StepProfiler:
             "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) // PROFILED_STEPS,
             "kernel_launches_per_step": sum(e.count for e in events if e.key in KERNEL_LAUNCHES) // PROFILED_STEPS,
             "top_gpu": top("self_device_time_total"), "top_host": top("self_cpu_time_total"),
-            "host_waits": host_waits(prof.events(), PROFILED_STEPS),
+            "host_waits": host_waits(raw, PROFILED_STEPS),
             "sync_sites": self.syncs.summary(PROFILED_STEPS)})
         (self.out_dir / "ops.txt").write_text(events.table(sort_by="self_device_time_total", row_limit=40) + "\n"
                                               + events.table(sort_by="self_cpu_time_total", row_limit=40))
