@@ -90,7 +90,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     scale, shift = latent_scaling(load_vae(model_dir))
     stream = LatentStream(latent_dir, t.seed).batches(0, t.micro_batch)
     resident = [{k: v.to(device) for k, v in next(stream).items() if k != "position"} for _ in range(4)]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    amp = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
 
     def step(batch: dict) -> None:
         latents = (batch["mean"][:, 0].float() + batch["std"][:, 0].float() * torch.randn_like(batch["mean"][:, 0],
@@ -170,7 +170,12 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
     for r in timed:
         n = result["global_batch"] * (r["step"] - previous)
         images, seconds, previous = images + n, seconds + n / r["images_per_s"], r["step"]
-    profile = profile_summary(run_dir / "profile") if (run_dir / "profile" / "summary.json").is_file() else None
+    profile = None
+    if (run_dir / "profile" / "summary.json").is_file():
+        profile = profile_summary(run_dir / "profile")
+        kept = run_dir.with_name(run_dir.name + "-profile")  # the full op tables, beside the stage's log
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(run_dir / "profile", kept)
     shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoint is ~15 GB
     first = records[0]  # its window holds the compilation
     return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),

@@ -92,18 +92,22 @@ def test_lora_file_reloads_and_changes_the_output(built, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(built["model"], **load)
     before = image(pipe)
     pipe.load_lora_weights(model)  # the diffusers-format file, as users load it
-    with_lora = image(pipe)
-    fused = image(StableDiffusionPipeline.from_pretrained(model, **load))
-    assert (with_lora - before).abs().max() > 1e-3
-    torch.testing.assert_close(fused, with_lora, atol=2e-3, rtol=0)  # alpha (scale 2) survived the export
+    assert (image(pipe) - before).abs().max() > 1e-3
 
-    # The sample stage's per-checkpoint UNet (checkpoint_unet) is the fused model too.
+    # The fused model, the base model with the LoRA file loaded and the sample stage's
+    # per-checkpoint UNet (checkpoint_unet) predict the same noise (a lost alpha, scale 2, would
+    # halve the adapters' share). Compared on one UNet call: through a sampling loop with
+    # guidance 7.5, float rounding of fused vs separate adapters grows with the trained weights.
     cfg = tiny_config(*overrides)
     from_checkpoint = checkpoint_unet(cfg, built["model"], run_dir / "checkpoints", "step00000006")
     fused_unet = load_unet(model)
     x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 64)
     with torch.no_grad():
-        torch.testing.assert_close(from_checkpoint(x, t, text).sample, fused_unet(x, t, text).sample, atol=1e-4, rtol=0)
+        fused = fused_unet(x, t, text).sample
+        effect = (fused - load_unet(built["model"])(x, t, text).sample).abs().max()
+        torch.testing.assert_close(pipe.unet(x, t, text).sample, fused, atol=1e-4, rtol=0)
+        torch.testing.assert_close(from_checkpoint(x, t, text).sample, fused, atol=1e-4, rtol=0)
+    assert effect > 1e-2
 
 
 def test_posthoc_reconstruction_matches_a_tracked_profile(built, tmp_path):

@@ -331,3 +331,39 @@ def test_profiler_counts_host_waits_and_names_sync_sites(tmp_path):
     [site] = sites.summary(3)
     assert site["calls_per_step"] == 1 and site["at"].startswith("tests/test_train.py:")
     assert " reads_the_loss <- tests/test_train.py:" in site["at"]
+
+
+@pytest.mark.parametrize("norm", [3.0, 0.5, float("inf"), float("nan"), -1.0])
+@pytest.mark.parametrize("clip, loss_scale", [(1.0, 1.0), (0.0, 4.0), (1.0, 8.0)])
+def test_sync_free_zero_step_matches_deepspeed(norm, clip, loss_scale):
+    """The patched norm masking and clipping give DeepSpeed's own results, value for value."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from workflow.fast_step import mask_non_finite, unscale_and_clip_on_device
+
+    theirs, ours = torch.tensor(norm), torch.tensor(norm)
+    mask_nan_or_inf_with_val_inplace(theirs)
+    mask_non_finite(ours)
+    assert torch.equal(theirs, ours)
+
+    opt = SimpleNamespace(clip_grad=clip, loss_scale=loss_scale, device="cpu")
+    grads = torch.randn(2, 5, generator=torch.Generator().manual_seed(0)) * 3
+    expected, got = [grads[0].clone(), [grads[1].clone()]], [grads[0].clone(), [grads[1].clone()]]
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads(opt, expected, torch.tensor(norm))
+    unscale_and_clip_on_device(opt, got, torch.tensor(norm))
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1][0], got[1][0])
+
+
+def test_bf16_mixed_autocasts_the_forward_on_fp32_weights(built, tmp_path):
+    """precision bf16-mixed on one rank (ZeRO-0: no all-reduce, foreach clipping) learns like fp32;
+    its losses differ from fp32's, so the forward did run under autocast."""
+    common = ["train.procs=1", "train.micro_batch=16", "train.steps=6", "train.checkpoint_every=100", "train.log_every=1"]
+    train(built, tmp_path / "mixed", *common, "train.precision=bf16-mixed")
+    train(built, tmp_path / "fp32", *common)
+    mixed, fp32 = losses(tmp_path / "mixed"), losses(tmp_path / "fp32")
+    assert mixed != fp32 and mixed == pytest.approx(fp32, rel=0.05)
+    assert mixed[-1] < mixed[0]
+    assert json.loads((tmp_path / "mixed" / "train.json").read_text())["precision"] == "bf16-mixed"

@@ -81,7 +81,7 @@ DEEPSPEED_KEYS = {
 OWNED_KEYS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch", "gradient_accumulation_steps": "train.grad_accum",
     "train_batch_size": "train.micro_batch x train.grad_accum x ranks", "gradient_clipping": "train.max_grad_norm",
-    "bf16": "train.precision", "fp16": "train.precision", "amp": "train.precision",
+    "bf16": "train.precision", "fp16": "train.precision", "amp": "train.precision", "torch_autocast": "train.precision",
     "optimizer": "train.lr / train.weight_decay (AdamW)", "scheduler": "train.lr_schedule / train.warmup_steps",
 }
 OWNED_ZERO_KEYS = {"stage": "train.zero_stage", "offload_optimizer": "train.offload_optimizer",
@@ -146,7 +146,9 @@ class TrainConfig(Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after warm-up; linear/cosine decay to 0")
     warmup_steps: int = Field(50, ge=0, description="linear LR warm-up, in optimizer steps")
     weight_decay: float = Field(1e-2, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = Field(
+        "fp32", description="bf16: bf16 weights, fp32 masters in the optimizer; bf16-mixed: fp32 weights, the "
+                            "forward under bf16 autocast; fp16: fp16 weights, dynamic loss scaling")
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="cpu: optimizer states + step on the CPU (ZeRO >= 1)")
     offload_params: Literal["none", "cpu"] = Field("none", description="cpu: parameters on the CPU between uses (ZeRO 3)")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, TrainConfig, deep_merge
+from .fast_step import lighten_zero0_step, remove_step_syncs
 
 def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, Any]:
     """The DeepSpeed config for this run (the only place it is built)."""
@@ -40,6 +41,9 @@ def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, A
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         # loss_scale 0 = dynamic loss scaling; overflowing steps are skipped by DeepSpeed and counted.
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # fp32 weights and optimizer, the forward under torch.autocast: DeepSpeed's engine sets the
+        # autocast state itself (an autocast around engine(...) would be switched off inside it).
+        "torch_autocast": {"enabled": t.precision == "bf16-mixed", "dtype": "bfloat16"},
         "csv_monitor": {"enabled": True, "output_path": monitor, "job_name": "train"},
         "tensorboard": {"enabled": True, "output_path": monitor, "job_name": "train"},
     }
@@ -95,6 +99,8 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
     lr_sched = make_lr_scheduler(cfg, optimizer)
     engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=lr_sched, config=deepspeed_config(cfg, world_size, run_dir))
+    remove_step_syncs(engine.optimizer)
+    lighten_zero0_step(engine, world_size)
     if cfg.train.compile:
         compile_forward(unet)
     return engine, lr_sched

@@ -38,7 +38,8 @@ from .latents import LatentStream
 from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, load_vae
 from .profiling import StepProfiler
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The UNet's weight dtype (bf16-mixed: fp32 weights, DeepSpeed runs the forward under bf16 autocast).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32, "fp16": torch.float16}
 EXIT_DIVERGED = 3
 EXIT_SAVE_FAILED = checkpoints.EXIT_SAVE_FAILED
 
