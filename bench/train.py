@@ -45,7 +45,7 @@ from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
 from workflow.models import latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
-from workflow.profiling import StepProfiler  # noqa: E402
+from workflow.profiling import StepProfiler, phase  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
@@ -100,14 +100,16 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
         ts = torch.randint(0, len(alphas), (len(latents),), device=device)
         a = alphas[ts].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with phase("forward"), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = unet(noisy, ts, encoder_hidden_states=batch["texts"][:, 0].float()).sample
         loss = F.mse_loss(pred.float(), noise)
-        loss.backward()
-        if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), t.max_grad_norm, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer_step"):
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), t.max_grad_norm, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     cuda = device.type == "cuda"
     if cuda:

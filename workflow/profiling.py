@@ -1,8 +1,8 @@
 """train.profile_at: where a training step's time goes, from torch.profiler on rank 0.
 
 Writes <run>/profile/summary.json (wall time vs GPU-busy time per step: a GPU that waits on the
-host shows as busy < wall; how long the host waited for the GPU, and on a GPU at which Python
-lines) and ops.txt (the ops with the most GPU and host time).
+host shows as busy < wall, and its idle time by the host phase it waited for; how long the host
+waited for the GPU, and on a GPU at which Python lines) and ops.txt (the ops with the most GPU and host time).
 """
 
 from __future__ import annotations
@@ -19,23 +19,48 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from .fsutil import write_json
 
 PROFILED_STEPS = 3
+PHASE_PREFIX = "train/"  # the train loop's record_function names: where the host is in a step
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # Triton: cuLaunch*
 
 
+def phase(name: str):
+    """Marks a part of a training step in the profile (a no-op when not profiling)."""
+    return torch.profiler.record_function(PHASE_PREFIX + name)
+
+
+def gpu_busy_spans(events) -> list[tuple[float, float]]:
+    """The intervals in which at least one kernel or copy ran on the GPU, merged. Device-side
+    spans of annotations (ProfilerStep#, record_function) are not GPU work and are left out."""
+    merged: list[list[float]] = []
+    for start, stop in sorted((e.time_range.start, e.time_range.end) for e in events
+                              if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]
+
+
 def gpu_busy_us(events) -> float:
-    """Time at least one kernel or copy ran on the GPU: the union of their intervals. Summing device
-    times instead counts the GPU-side spans of annotations (ProfilerStep#, record_function) too,
-    and work overlapping on two streams twice."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-    busy, end = 0.0, float("-inf")
-    for start, stop in spans:
-        if stop > end:
-            busy += stop - max(start, end)
-            end = stop
-    return busy
+    """Time at least one kernel or copy ran (two streams at once count once)."""
+    return sum(b - a for a, b in gpu_busy_spans(events))
+
+
+def gpu_idle_by_phase(events, steps: int) -> dict[str, float]:
+    """GPU idle time (ms per step) between its first and last work, by the host phase (a
+    `train/...` record_function) that was running when the GPU got work again: the phase the GPU
+    waited for. A GPU that is never idle has no entries."""
+    phases = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.device_type == DeviceType.CPU and e.name.startswith(PHASE_PREFIX))
+    busy = gpu_busy_spans(events)
+    idle: Counter = Counter()
+    for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
+        # The innermost (latest-started) phase running at the gap's end.
+        running = [name for start, stop, name in phases if start <= gap_end <= stop]
+        idle[running[-1].removeprefix(PHASE_PREFIX) if running else "(outside the phases)"] += gap_end - gap_start
+    return {k: round(v / 1e3 / steps, 2) for k, v in idle.most_common()}
 
 
 def host_waits(events, steps: int) -> list[dict]:
@@ -155,6 +180,7 @@ class StepProfiler:
         write_json(self.out_dir / "summary.json", {
             "steps": PROFILED_STEPS, "wall_ms_per_step": round(wall_us / 1e3 / PROFILED_STEPS, 2),
             "gpu_busy_ms_per_step": round(gpu_us / 1e3 / PROFILED_STEPS, 2),
+            "gpu_idle_ms_per_step_by_host_phase": gpu_idle_by_phase(raw, PROFILED_STEPS),
             # Host cost scales with these: each op is a dispatch, each launch a driver call.
             "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) // PROFILED_STEPS,
             "kernel_launches_per_step": sum(e.count for e in events if e.key in KERNEL_LAUNCHES) // PROFILED_STEPS,

@@ -36,7 +36,7 @@ from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, read_json, write_json
 from .latents import LatentStream
 from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, load_vae
-from .profiling import StepProfiler
+from .profiling import StepProfiler, phase
 
 # The UNet's weight dtype (bf16-mixed: fp32 weights, DeepSpeed runs the forward under bf16 autocast).
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32, "fp16": torch.float16}
@@ -186,11 +186,16 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     while step < t.steps:
         losses, lr = [], lr_sched.get_last_lr()[0]  # the rate this step applies
         while len(losses) < t.grad_accum:
-            gen = step_generator(t.seed, position, world.rank, device)
-            batch = next(batches)
-            position = batch.pop("position")
-            loss = diffusion_loss(engine, scheduler, batch, null_text, cfg, scaling, prediction_type, gen, device, dtype)
-            if world.any(not bool(torch.isfinite(loss))):
+            with phase("data"):
+                gen = step_generator(t.seed, position, world.rank, device)
+                batch = next(batches)
+                position = batch.pop("position")
+            with phase("forward"):
+                loss = diffusion_loss(engine, scheduler, batch, null_text, cfg, scaling, prediction_type, gen, device,
+                                      dtype)
+            with phase("loss_check"):
+                bad = world.any(not bool(torch.isfinite(loss)))
+            if bad:
                 # Skip this micro-batch on every rank before backward: no gradient, no DeepSpeed
                 # counter, no optimizer state sees it. The step takes the next micro-batch instead.
                 bad_steps += 1
@@ -201,13 +206,16 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
                                            f"{t.max_bad_steps}), the last at step {step + 1}; lower train.lr, use "
                                            f"fp32/bf16, or check the latent cache")
                 continue
-            engine.backward(loss)
+            with phase("backward"):
+                engine.backward(loss)
             if len(losses) == t.grad_accum - 1 and (step + 1) % t.log_every == 0:
                 grad_norm = _grad_norm_before_step(engine, cfg)
-            engine.step()
+            with phase("optimizer_step"):
+                engine.step()
             losses.append(loss.detach())
         step += 1
-        ema.update(step)
+        with phase("ema"):
+            ema.update(step)
         if ema.snapshot_due(step, t.steps):
             ema.snapshot(run_dir / "posthoc", step, world)
         profiler.step()
