@@ -86,7 +86,7 @@ def train_args(built, run_dir):
             "--run-dir", str(run_dir)]
 
 
-@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (2, "bf16")])
+@pytest.mark.parametrize("zero, precision", [(0, "fp32"), (2, "bf16"), (0, "bf16-mixed")])
 def test_two_rank_deepspeed_train_merge_sample(built, tmp_path, zero, precision):
     from diffusers import StableDiffusionPipeline
 
