@@ -22,7 +22,7 @@ from workflow.distributed import EXIT_PREEMPTED
 from workflow.ema import consolidate, load_ema
 from workflow.engine import deepspeed_config, lr_factor
 from workflow.latents import LatentStream
-from workflow.profiling import StepProfiler, SyncSites, gpu_busy_us, gpu_idle_by_phase
+from workflow.profiling import StepProfiler, SyncSites, busy_us, gpu_busy_spans, gpu_idle_by_phase
 from workflow.shards import AtomicTar, iter_shard, npy_bytes, npy_load
 from workflow.train import EXIT_DIVERGED, min_snr_weights
 
@@ -304,7 +304,7 @@ def test_gpu_busy_counts_overlapping_kernels_once():
 
     kernels = [event(0, 10), event(5, 12), event(20, 25), event(21, 22)]  # two streams overlap
     others = [event(0, 100, annotation=True), event(0, 1000, DeviceType.CPU)]  # a step's GPU-side span, a host op
-    assert gpu_busy_us(kernels + others) == 17
+    assert busy_us(gpu_busy_spans(kernels + others)) == 17
 
     # Idle 12..20 ended while the host was in the optimizer step (inside backward's span), 25..40
     # while it read the loss; 45..50 outside any phase.
@@ -315,7 +315,7 @@ def test_gpu_busy_counts_overlapping_kernels_once():
     events = kernels + others + phases + [event(40, 45), event(50, 60)]
     for e in events:  # the profiler's times are in microseconds: make these milliseconds
         e.time_range.start, e.time_range.end = e.time_range.start * 1000, e.time_range.end * 1000
-    assert gpu_idle_by_phase(events, steps=1) == {"loss_check": 15, "optimizer_step": 8, "(outside the phases)": 5}
+    assert gpu_idle_by_phase(events, gpu_busy_spans(events), steps=1) == {"loss_check": 15, "optimizer_step": 8, "(outside the phases)": 5}
 
 
 def test_profiler_counts_host_waits_and_names_sync_sites(tmp_path):

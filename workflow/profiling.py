@@ -43,18 +43,17 @@ def gpu_busy_spans(events) -> list[tuple[float, float]]:
     return [(a, b) for a, b in merged]
 
 
-def gpu_busy_us(events) -> float:
+def busy_us(spans: list[tuple[float, float]]) -> float:
     """Time at least one kernel or copy ran (two streams at once count once)."""
-    return sum(b - a for a, b in gpu_busy_spans(events))
+    return sum(b - a for a, b in spans)
 
 
-def gpu_idle_by_phase(events, steps: int) -> dict[str, float]:
+def gpu_idle_by_phase(events, busy: list[tuple[float, float]], steps: int) -> dict[str, float]:
     """GPU idle time (ms per step) between its first and last work, by the host phase (a
     `train/...` record_function) that was running when the GPU got work again: the phase the GPU
-    waited for. A GPU that is never idle has no entries."""
+    waited for; `busy` = gpu_busy_spans(events). A GPU that is never idle has no entries."""
     phases = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
                     if e.device_type == DeviceType.CPU and e.name.startswith(PHASE_PREFIX))
-    busy = gpu_busy_spans(events)
     idle: Counter = Counter()
     for (_, gap_start), (gap_end, _) in zip(busy, busy[1:]):
         # The innermost (latest-started) phase running at the gap's end.
@@ -171,7 +170,7 @@ class StepProfiler:
         steps = [e for e in events if e.key.startswith("ProfilerStep")]
         wall_us = sum(e.cpu_time_total for e in steps)
         raw = prof.events()  # each event, for what per-name averages lose: intervals, parents
-        gpu_us = gpu_busy_us(raw)
+        busy = gpu_busy_spans(raw)  # sorted once, for busy and idle time
         ops = [e for e in events if not e.key.startswith("ProfilerStep")]
         top = lambda attr: [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1e3 / PROFILED_STEPS, 2),
                              "calls_per_step": e.count // PROFILED_STEPS}
@@ -179,8 +178,8 @@ class StepProfiler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.out_dir / "summary.json", {
             "steps": PROFILED_STEPS, "wall_ms_per_step": round(wall_us / 1e3 / PROFILED_STEPS, 2),
-            "gpu_busy_ms_per_step": round(gpu_us / 1e3 / PROFILED_STEPS, 2),
-            "gpu_idle_ms_per_step_by_host_phase": gpu_idle_by_phase(raw, PROFILED_STEPS),
+            "gpu_busy_ms_per_step": round(busy_us(busy) / 1e3 / PROFILED_STEPS, 2),
+            "gpu_idle_ms_per_step_by_host_phase": gpu_idle_by_phase(raw, busy, PROFILED_STEPS),
             # Host cost scales with these: each op is a dispatch, each launch a driver call.
             "aten_ops_per_step": sum(e.count for e in events if e.key.startswith("aten::")) // PROFILED_STEPS,
             "kernel_launches_per_step": sum(e.count for e in events if e.key in KERNEL_LAUNCHES) // PROFILED_STEPS,
