@@ -50,8 +50,8 @@ from workflow.profiling import StepProfiler, phase  # noqa: E402
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
-    if args.configfile:
-        raw = deep_merge(raw, yaml.safe_load(Path(args.configfile).read_text()) or {})
+    for name in filter(None, args.configfile):
+        raw = deep_merge(raw, yaml.safe_load(Path(name).read_text()) or {})
     fixed = [f"model.pretrained={args.model}", f"data.source=imagefolder:{root / 'jpegs'}", "data.shard_size=256",
              f"cache.resolution={args.resolution}", f"train.steps={args.steps}", f"train.log_every={args.log_every}",
              f"train.checkpoint_every={10**6}", "train.val_samples=0", "train.warmup_steps=0"]
@@ -79,8 +79,6 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     unet = load_unet(model_dir).to(device)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if t.channels_last:
-        unet.to(memory_format=torch.channels_last)
     if t.compile:
         compile_forward(unet)
     unet.train()
@@ -194,7 +192,8 @@ def progress(what: str, value) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configfile", default=str(REPO / "config" / "gpu.yaml"), help="laid over config.yaml ('' for none)")
+    ap.add_argument("--configfile", nargs="+", default=[str(REPO / "config" / "gpu.yaml")],
+                    help="laid over config.yaml in this order ('' for none), e.g. config/gpu.yaml config/one-gpu.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.zero_stage=2")
     ap.add_argument("--model", default="builtin:sd15-arch")
     ap.add_argument("--images", type=int, default=1024)
@@ -229,7 +228,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
               "model": args.model, "resolution": args.resolution, "overrides": args.set,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
-                                                             "offload_optimizer", "compile", "channels_last",
+                                                             "offload_optimizer", "compile",
                                                              "gradient_checkpointing", "mode")},
               "ema": cfg.ema.decay, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
     if not args.no_baseline:

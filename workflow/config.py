@@ -155,7 +155,6 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
-    channels_last: bool = Field(False, description="UNet weights and activations in channels-last memory format")
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
     val_samples: int = Field(64, ge=0, description="cached samples held out of training for the validation loss")
@@ -375,6 +374,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return flat
 
 
+# Keys earlier versions took: a config that still sets one is told why it went.
+REMOVED_KEYS = {"train.channels_last": "removed (measured slower on an H200, and DeepSpeed's ZeRO-0 weight broadcast "
+                                       "fails on channels-last weights); delete the key"}
+
+
 def validate(raw: dict[str, Any], origin: str = "config") -> Config:
     try:
         return Config.model_validate(nest_dotted(raw or {}))
@@ -387,7 +391,7 @@ def validate(raw: dict[str, Any], origin: str = "config") -> Config:
                 lines += [f"  {problem}" for problem in str(err["ctx"]["error"]).split("\n")]
                 continue
             got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = REMOVED_KEYS.get(key, "unknown key") if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"  {key}: {msg}{got}")
         raise ConfigError(f"invalid {origin}:\n" + "\n".join(lines)) from None
 

@@ -53,8 +53,6 @@ def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     unet = load_unet(model_dir)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if cfg.train.channels_last:
-        unet.to(memory_format=torch.channels_last)
     return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
