@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from bench_common import write_jpegs  # noqa: E402
 from workflow.cache import cache  # noqa: E402
-from workflow.config import Config, deep_merge, load_config  # noqa: E402
+from workflow.config import Config, load_config_files  # noqa: E402
 from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
@@ -49,13 +48,11 @@ from workflow.profiling import StepProfiler, phase  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
-    raw = yaml.safe_load((REPO / "config.yaml").read_text())
-    for name in filter(None, args.configfile):
-        raw = deep_merge(raw, yaml.safe_load(Path(name).read_text()) or {})
     fixed = [f"model.pretrained={args.model}", f"data.source=imagefolder:{root / 'jpegs'}", "data.shard_size=256",
              f"cache.resolution={args.resolution}", f"train.steps={args.steps}", f"train.log_every={args.log_every}",
              f"train.checkpoint_every={10**6}", "train.val_samples=0", "train.warmup_steps=0"]
-    return load_config(json.dumps(raw), fixed + args.set)
+    layers = [REPO / "config.yaml", *(Path(name) for name in args.configfile if name)]
+    return load_config_files(layers, fixed + args.set)
 
 
 def build_inputs(cfg: Config, root: Path, images: int) -> tuple[Path, Path, Path]:

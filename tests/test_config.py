@@ -1,9 +1,7 @@
-import json
-
 import pytest
 import yaml
 
-from workflow.config import Config, ConfigError, deep_merge, load_config, nest_dotted, stage_config
+from workflow.config import Config, ConfigError, load_config, load_config_files, nest_dotted, stage_config
 
 from conftest import REPO
 
@@ -17,10 +15,7 @@ def test_default_config_file_matches_typed_defaults():
 
 def test_gpu_configs_lay_over_the_defaults():
     def layered(*names):
-        merged = yaml.safe_load((REPO / "config.yaml").read_text())
-        for name in names:
-            merged = deep_merge(merged, yaml.safe_load((REPO / "config" / name).read_text()))
-        return load_config(json.dumps(merged))
+        return load_config_files([REPO / "config.yaml", *(REPO / "config" / name for name in names)])
 
     gpu = layered("gpu.yaml")
     assert (gpu.train.precision, gpu.train.zero_stage, gpu.cache.resolution) == ("bf16", 2, 512)

@@ -398,19 +398,24 @@ def validate(raw: dict[str, Any], origin: str = "config") -> Config:
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config from a YAML file or an inline JSON object, then apply `key=value` overrides."""
+    if source is not None and str(source).lstrip().startswith("{"):
+        return _with_overrides(json.loads(str(source)), overrides, "config")
+    return load_config_files([] if source is None else [Path(source)], overrides)
+
+
+def load_config_files(paths: list[Path], overrides: list[str] | None = None) -> Config:
+    """YAML config files laid over each other in order (sections merge key by key, later files win,
+    as with Snakemake's `--configfile a b`), then `key=value` overrides."""
     raw: dict[str, Any] = {}
-    origin = "config"
-    if source is not None:
-        text = str(source)
-        if text.lstrip().startswith("{"):
-            raw = json.loads(text)
-        else:
-            path = Path(text)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            raw = yaml.safe_load(path.read_text()) or {}
-            origin = str(path)
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    merged = deep_merge(nest_dotted(raw), nest_dotted(parse_overrides(overrides or [])))
-    return validate(merged, origin)
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        layer = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        raw = deep_merge(raw, nest_dotted(layer))
+    return _with_overrides(raw, overrides, " + ".join(map(str, paths)) or "config")
+
+
+def _with_overrides(raw: dict[str, Any], overrides: list[str] | None, origin: str) -> Config:
+    return validate(deep_merge(nest_dotted(raw), nest_dotted(parse_overrides(overrides or []))), origin)
