@@ -1,0 +1,107 @@
+"""Time the compiled plain-PyTorch SD 1.5 UNet train step under one variant. Prints one JSON line.
+
+    CUDA_VISIBLE_DEVICES=0 python3 bench/unet_variants.py base                    # micro-batch 64
+    CUDA_VISIBLE_DEVICES=1 python3 bench/unet_variants.py base --micro-batch 128
+    CUDA_VISIBLE_DEVICES=2 python3 bench/unet_variants.py sdpa_flash
+
+For choosing settings before wiring them into the train stage (bench/train.py then holds the stage to
+the plain loop). The step is bench/train.py's plain loop without the data: random-weight SD 1.5 UNet
+(fp32 weights, bf16 autocast, torch.compile of forward), fused AdamW, clipping at 1.0, and random
+latents and text states of SD 1.5's shapes resident on the GPU. Each variant runs in its own process
+(compile settings are process-wide). GPU only.
+
+Variants:
+  base              torch defaults (SDPA picks its backend: cuDNN attention on Hopper)
+  cudnn_benchmark   torch.backends.cudnn.benchmark = True
+  sdpa_flash        SDPA restricted to flash attention (cuDNN and memory-efficient off)
+  sdpa_efficient    SDPA restricted to memory-efficient attention (cuDNN and flash off)
+  inductor_flags    Inductor conv_1x1_as_mm, coordinate_descent_tuning, epilogue_fusion=False
+  coord_desc        Inductor coordinate_descent_tuning only
+  fuse_qkv          diffusers' fuse_qkv_projections (one q/k/v GEMM for self-attention)
+  max_autotune      torch.compile(mode="max-autotune-no-cudagraphs")
+  reduce_overhead   torch.compile(mode="reduce-overhead") (CUDA graphs)
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("base", "cudnn_benchmark", "sdpa_flash", "sdpa_efficient", "inductor_flags", "coord_desc", "fuse_qkv",
+            "max_autotune", "reduce_overhead")
+
+
+def apply_process_settings(variant: str) -> None:
+    if variant == "cudnn_benchmark":
+        torch.backends.cudnn.benchmark = True
+    if variant == "sdpa_flash":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if variant == "sdpa_efficient":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.enable_flash_sdp(False)
+    if variant in ("inductor_flags", "coord_desc"):
+        import torch._inductor.config as inductor
+
+        inductor.coordinate_descent_tuning = True
+        if variant == "inductor_flags":
+            inductor.conv_1x1_as_mm = True
+            inductor.epilogue_fusion = False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variant", choices=VARIANTS)
+    ap.add_argument("--micro-batch", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=8, help="steps before the timing (compilation)")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/unet_variants.py needs a CUDA GPU")
+    from diffusers import UNet2DConditionModel
+
+    variant, mb, dev = args.variant, args.micro_batch, torch.device("cuda")
+    apply_process_settings(variant)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).to(dev)  # SD 1.x's UNet
+    if variant == "fuse_qkv":
+        unet.fuse_qkv_projections()
+    unet.train()
+    mode = {"max_autotune": "max-autotune-no-cudagraphs", "reduce_overhead": "reduce-overhead"}.get(variant)
+    unet.forward = torch.compile(unet.forward, mode=mode)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    alphas = torch.linspace(0.999, 0.01, 1000, device=dev)
+    batches = [(torch.randn(mb, 4, 64, 64, device=dev), torch.randn(mb, 77, 768, device=dev)) for _ in range(4)]
+
+    def step(latents: torch.Tensor, text: torch.Tensor) -> None:
+        noise = torch.randn_like(latents)
+        ts = torch.randint(0, 1000, (mb,), device=dev)
+        a = alphas[ts].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = unet(noisy, ts, encoder_hidden_states=text).sample
+        F.mse_loss(pred.float(), noise).backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for i in range(args.warmup):
+        step(*batches[i % 4])
+    torch.cuda.synchronize()
+    warm_s = time.perf_counter() - started
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for i in range(args.steps):
+        step(*batches[i % 4])
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    print(json.dumps({"variant": variant, "mb": mb, "img_s": round(mb * args.steps / seconds, 1),
+                      "step_ms": round(1000 * seconds / args.steps, 1), "warm_s": round(warm_s, 1),
+                      "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
