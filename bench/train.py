@@ -130,7 +130,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
               "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
     if (profile_dir / "summary.json").is_file():
         result["profile"] = profile_summary(profile_dir)
-    del unet, opt, resident
+    unet = opt = resident = None  # the closure in step() holds them too: free the GPU memory before the stage runs
     if cuda:
         torch.cuda.empty_cache()
     return result
