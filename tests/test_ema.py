@@ -96,17 +96,20 @@ def test_lora_file_reloads_and_changes_the_output(built, tmp_path):
 
     # The fused model, the base model with the LoRA file loaded and the sample stage's
     # per-checkpoint UNet (checkpoint_unet) predict the same noise (a lost alpha, scale 2, would
-    # halve the adapters' share). Compared on one UNet call: through a sampling loop with
-    # guidance 7.5, float rounding of fused vs separate adapters grows with the trained weights.
+    # halve the adapters' share: a difference of half the adapters' effect, > 5e-3). Compared on one
+    # UNet call: through a sampling loop with guidance 7.5, float rounding of fused vs separate
+    # adapters grows with the trained weights. On one call that rounding reached 1.6e-4 for some
+    # inputs (fp32, lr 5e-2 adapters), hence 1e-3, on inputs of their own seed.
     cfg = tiny_config(*overrides)
     from_checkpoint = checkpoint_unet(cfg, built["model"], run_dir / "checkpoints", "step00000006")
     fused_unet = load_unet(model)
-    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 64)
+    gen = torch.Generator().manual_seed(0)
+    x, t, text = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 16, 64, generator=gen)
     with torch.no_grad():
         fused = fused_unet(x, t, text).sample
         effect = (fused - load_unet(built["model"])(x, t, text).sample).abs().max()
-        torch.testing.assert_close(pipe.unet(x, t, text).sample, fused, atol=1e-4, rtol=0)
-        torch.testing.assert_close(from_checkpoint(x, t, text).sample, fused, atol=1e-4, rtol=0)
+        torch.testing.assert_close(pipe.unet(x, t, text).sample, fused, atol=1e-3, rtol=0)
+        torch.testing.assert_close(from_checkpoint(x, t, text).sample, fused, atol=1e-3, rtol=0)
     assert effect > 1e-2
 
 
