@@ -1,8 +1,9 @@
-# deepspeed-diffusers: fine-tune Stable Diffusion-style models with DeepSpeed.
-#   snakemake -n                       what would run
-#   snakemake --cores all              run it here
-#   snakemake --profile profiles/local the same, with the local profile's settings
-#   snakemake --report report.html     samples, curves, metrics and config in one HTML file
+# deepspeed-diffusers: fine-tune Stable Diffusion-style models with DeepSpeed. From the repo root:
+#   snakemake -n                         what would run
+#   snakemake --cores all                run it here
+#   snakemake --profile profiles/local   the same, with the local profile's settings
+#   snakemake --profile slurm            on a Slurm cluster (profiles/slurm)
+#   snakemake --report report.html       samples, curves, metrics and config in one HTML file
 # Stages: fetch_model, prepare -> cache -> train -> ema -> sample -> report_files (one rules/<stage>.smk each).
 
 from snakemake.utils import min_version

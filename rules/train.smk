@@ -5,6 +5,8 @@
 # the executor's jobstep strips SLURM_* from this shell, so the geometry is passed to srun here and
 # each task maps SLURM_PROCID/LOCALID/NTASKS to its rank (DSD_RANKS_FROM=slurm). Elsewhere the
 # stage starts its own local ranks. The preflight (cache fingerprint, resumability) runs once first.
+# `exec` makes Snakemake the stage's parent: if Snakemake is killed, the stage sees it, saves a
+# checkpoint and exits (--stop-with-parent) instead of training on unseen.
 rule train:
     input:
         latents=f"{LATENTS}/manifest.json",
@@ -33,6 +35,6 @@ rule train:
             {PY} -m workflow.train --config {params.cfg:q} {params.args} --preflight {params.ranks} > {log} 2>&1
             DSD_RANKS_FROM=slurm {params.srun} {PY} -m workflow.train --config {params.cfg:q} {params.args} >> {log} 2>&1
         else
-            {PY} -m workflow.train --config {params.cfg:q} {params.args} > {log} 2>&1
+            exec {PY} -m workflow.train --config {params.cfg:q} {params.args} --stop-with-parent > {log} 2>&1
         fi
         """

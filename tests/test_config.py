@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from workflow.config import Config, ConfigError, load_config, load_config_files, nest_dotted, stage_config
+from workflow.config import (Config, ConfigError, load_config, load_config_files, nest_dotted, stage_config,
+                             validate)
 
 from conftest import REPO
 
@@ -59,6 +60,20 @@ def test_overrides_parse_as_yaml_and_merge():
 def test_dotted_keys_merge_into_sections_in_any_order():
     assert nest_dotted({"train.steps": 5, "train": {"lr": 0.1}}) == {"train": {"steps": 5, "lr": 0.1}}
     assert nest_dotted({"train": {"lr": 0.1}, "train.steps": 5}) == {"train": {"lr": 0.1, "steps": 5}}
+
+
+def test_flattened_keys_beat_the_nested_value_whatever_the_order():
+    """Snakemake starts from the --config keys and merges config.yaml into them, so the flattened
+    override arrives *before* the section it overrides. It used to lose there (700 steps trained
+    for train__steps=1000)."""
+    section = {"steps": 700, "lr": 0.1, "lora": {"rank": 8, "alpha": None}}
+    for flat in ({"train__steps": 5, "train__lora__rank": 4}, {"train__lora__rank": 4, "train.steps": 5}):
+        for raw in ({**flat, "train": section}, {"train": section, **flat}):
+            assert nest_dotted(raw) == {"train": {"steps": 5, "lr": 0.1, "lora": {"rank": 4, "alpha": None}}}, raw
+    # a deeper flattened key beats a shallower one that sets the same leaf
+    assert nest_dotted({"train__lora__rank": 4, "train__lora": {"rank": 2}})["train"]["lora"]["rank"] == 4
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        validate({"train__zero_stage": 4, **yaml.safe_load((REPO / "config.yaml").read_text())})
 
 
 def test_missing_config_file():

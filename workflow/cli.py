@@ -13,7 +13,8 @@ USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError)
 
 
 def stage_main(
-    stage: str, doc: str | None, argv: list[str] | None, paths: dict[str, str], optional: dict[str, str] | None = None
+    stage: str, doc: str | None, argv: list[str] | None, paths: dict[str, str], optional: dict[str, str] | None = None,
+    flags: dict[str, str] | None = None,
 ) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(prog=f"python -m workflow.{stage}", description=(doc or "").split("\n\n")[0])
     parser.add_argument("--config", default="config.yaml", help="YAML file or inline JSON object")
@@ -22,6 +23,8 @@ def stage_main(
         parser.add_argument(f"--{name.replace('_', '-')}", required=True, help=help_text)
     for name, help_text in (optional or {}).items():
         parser.add_argument(f"--{name.replace('_', '-')}", help=help_text)
+    for name, help_text in (flags or {}).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=help_text)
     args = parser.parse_args(argv)
     cfg = exit_on_user_error(lambda: load_config(args.config, args.set))
     return args, cfg

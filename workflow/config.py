@@ -338,9 +338,13 @@ def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
     """{'train.steps': 10} -> {'train': {'steps': 10}}; nested dicts are merged, not replaced.
 
     `__` nests too: Snakemake's --config only accepts identifier-like keys, so there the
-    override is written `train__steps=10`."""
+    override is written `train__steps=10`. A flattened key always beats the nested value it
+    names, whatever the dict's order: Snakemake hands over `--config` keys *before* the sections
+    of config.yaml (it starts from the overrides, then merges the config file into them)."""
     out: dict[str, Any] = {}
-    for key, value in flat.items():
+    depth = {key: key.replace("__", ".").count(".") for key in flat}
+    for key in sorted(flat, key=depth.__getitem__):  # stable: sections first, then a.b, then a.b.c
+        value = flat[key]
         parts = key.replace("__", ".").split(".")
         node = out
         for p in parts[:-1]:

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +143,24 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def stop_when_parent_dies(poll_s: float = 0.5) -> None:
+    """SIGTERM to this process once the process that started it is gone (its parent id changes).
+
+    The train rule `exec`s the stage, so its parent is Snakemake: if Snakemake is killed outright
+    (kill -9, a lost login shell), training saves a checkpoint and exits 75 like on a time limit,
+    instead of running on unseen while the user reruns Snakemake on the same run folder."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"the process that started this stage (pid {parent}) is gone: stopping after a checkpoint",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class StopRequest:

@@ -334,10 +334,11 @@ def load_adapters(unet, weights: dict) -> None:
 
 
 def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> None:
-    """The base pipeline with `unet`, its scheduler predicting what the UNet was trained to."""
-    from diffusers import StableDiffusionPipeline
+    """The base pipeline with `unet`, its scheduler predicting what the UNet was trained to; the
+    rest (safety checker, feature extractor, scheduler settings) as the base has it."""
+    from .models import load_sd_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, unet=unet, safety_checker=None, requires_safety_checker=False)
+    pipe = load_sd_pipeline(model_dir, unet=unet)
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(folder, safe_serialization=True)
 

@@ -20,7 +20,7 @@ from .cli import run, stage_main
 from .config import Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
-from .models import REQUIRED_SUBFOLDERS, build_sd15_arch, build_tiny, check_model_dir
+from .models import REQUIRED_SUBFOLDERS, build_sd15_arch, build_tiny, check_model_dir, pipeline_components
 from .shards import iter_shard
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -40,10 +40,11 @@ def load_prepared(data_dir: Path, resolution: int):
 
 def link_local(src: Path, tmp: Path) -> None:
     """A folder of links to the user's model: nothing copied, and Snakemake deleting our output
-    before a rerun only removes the links."""
-    for entry in src.iterdir():
-        if entry.name in REQUIRED_SUBFOLDERS or entry.name == "model_index.json":
-            (tmp / entry.name).symlink_to(entry.resolve())
+    before a rerun only removes the links. model_index.json and the components it lists (the
+    safety checker and feature extractor too, so a merged model keeps them), not the rest of a
+    repo (single-file checkpoints beside it)."""
+    for name in ["model_index.json", *pipeline_components(src)]:
+        (tmp / name).symlink_to((src / name).resolve())
 
 
 def download_hub(repo_id: str, revision: str | None, tmp: Path) -> None:

@@ -22,13 +22,42 @@ def check_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    missing = [d for d in REQUIRED_SUBFOLDERS if not (path / d).is_dir()]
+    missing = [d + "/" for d in REQUIRED_SUBFOLDERS if not (path / d).is_dir()]
+    missing += [] if (path / "model_index.json").is_file() else ["model_index.json"]
     if missing:
-        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing {', '.join(d + '/' for d in missing)}")
+        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing {', '.join(missing)}")
     return path
 
 
 # ---------------------------------------------------------------- loading
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The variant to load from a component folder: None where plain weights are there
+    (`diffusion_pytorch_model.safetensors`, `pytorch_model.bin`, shards), else the variant its files
+    carry (`diffusion_pytorch_model.fp16.safetensors`): repos that ship only fp16 files. Plain weights
+    win where both are there, so fp32 weights are never replaced by their fp16 copy."""
+    stems = [f.name.split(".safetensors")[0].split(".bin")[0] for f in folder.iterdir()
+             if f.name.endswith((".safetensors", ".bin")) and not f.name.endswith(".index.json")]
+    if not stems or any("." not in stem for stem in stems):
+        return None
+    variants = sorted({stem.split(".", 1)[1].split("-")[0] for stem in stems})
+    return "fp16" if "fp16" in variants else variants[0]
+
+
+def pipeline_variant(model_dir: Path) -> str | None:
+    """The variant a whole-pipeline `from_pretrained` needs (diffusers falls back to the plain files
+    of components that have no such variant)."""
+    found = {weights_variant(model_dir / name) for name in pipeline_components(model_dir)} - {None}
+    return sorted(found)[0] if found else None
+
+
+def pipeline_components(model_dir: Path) -> list[str]:
+    """The component folders model_index.json lists (null entries, such as a removed safety
+    checker, are not components)."""
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    return [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)
+            and entry[0] is not None and (Path(model_dir) / name).is_dir()]
 
 
 def load_tokenizer(model_dir: Path):
@@ -40,19 +69,36 @@ def load_tokenizer(model_dir: Path):
 def load_text_encoder(model_dir: Path, device="cpu", dtype=torch.float32):
     from transformers import CLIPTextModel
 
-    return CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype).to(device).eval()
+    return CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype,
+                                         variant=weights_variant(Path(model_dir) / "text_encoder")).to(device).eval()
 
 
 def load_vae(model_dir: Path, device="cpu", dtype=torch.float32):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype).to(device).eval()
+    return AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=dtype,
+                                         variant=weights_variant(Path(model_dir) / "vae")).to(device).eval()
 
 
 def load_unet(model_dir: Path, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype,
+                                                variant=weights_variant(Path(model_dir) / "unet"))
+
+
+def load_sd_pipeline(model_dir: Path, dtype=torch.float32, **components):
+    """The base pipeline as its folder has it (safety checker and feature extractor included when
+    listed), each of UNet, VAE and text encoder from its own weights variant; `components` replace
+    parts (unet=..., safety_checker=None)."""
+    from diffusers import StableDiffusionPipeline
+
+    components.setdefault("vae", load_vae(model_dir, dtype=dtype))
+    components.setdefault("text_encoder", load_text_encoder(model_dir, dtype=dtype))
+    if "unet" not in components:
+        components["unet"] = load_unet(model_dir, dtype=dtype)
+    return StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, variant=pipeline_variant(model_dir),
+                                                   **components)
 
 
 def add_lora(unet, lora):

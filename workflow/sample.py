@@ -28,6 +28,7 @@ from .fsutil import atomic_dir, read_json, write_json
 from .latents import validation_samples
 from .metrics import clip_score, digit_accuracy, validation_loss
 from .models import check_model_dir, latent_scaling
+from .models import load_sd_pipeline
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be seen
@@ -35,14 +36,12 @@ MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be 
 
 def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None = None):
     """The merged pipeline; for a LoRA-only merge (no fused model), the base model with the adapter."""
-    from diffusers import StableDiffusionPipeline
-
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     lora_only = not (model_dir / "model_index.json").is_file() and (model_dir / LORA_FILE).is_file()
     folder = Path(base_model or read_json(model_dir / "merge.json", "merge record")["base_model"]) if lora_only else model_dir
     check_model_dir(folder)
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    # Validation images are judged unfiltered: the safety checker would black some out.
+    pipe = load_sd_pipeline(folder, dtype, safety_checker=None, requires_safety_checker=False)
     if lora_only:
         pipe.load_lora_weights(model_dir, weight_name=LORA_FILE)
         pipe.scheduler.register_to_config(prediction_type=read_json(model_dir / "merge.json")["prediction_type"])

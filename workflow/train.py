@@ -30,7 +30,8 @@ from . import checkpoints
 from .cache import cache_fingerprint, fingerprint_mismatch
 from .cli import run, stage_main
 from .config import Config
-from .distributed import EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch
+from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch,
+                          stop_when_parent_dies)
 from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, read_json, write_json
@@ -314,12 +315,16 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg = stage_main("train", __doc__, argv, {"latents": "latent cache folder", "model": "model folder",
                                                       "data": "prepared data folder",
                                                       "run_dir": "run folder (results/runs/<run>)"},
-                           {"preflight": "only check inputs and checkpoints for this many ranks, then exit"})
+                           {"preflight": "only check inputs and checkpoints for this many ranks, then exit"},
+                           {"stop_with_parent": "save a checkpoint and exit 75 when the parent process (Snakemake) "
+                                                "dies"})
     run_dir = Path(args.run_dir)
     if args.preflight:  # before `srun` starts the ranks as tasks (several nodes): checks only
         preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, int(args.preflight))
         return
     if not launched():
+        if args.stop_with_parent:
+            stop_when_parent_dies()
         nprocs = procs_wanted(cfg.train.procs)
         preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, nprocs)
         if nprocs > 1:

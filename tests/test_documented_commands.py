@@ -1,0 +1,409 @@
+"""Every command the docs show, typed exactly as shown, with its effect checked.
+
+Bug this catches: a documented command that silently does something else. That happened:
+`snakemake --cores all --config train__steps=1000 run=longer` trained 700 steps while every test
+passed, because the tests added `--configfile config.yaml`, which reorders Snakemake's config dict.
+So these tests run from a copy of the repo, with the venv's programs on PATH (what
+`source .venv/bin/activate` does) and nothing else: no extra flags, no other working directory.
+Placeholder paths (/models/..., /data/...) are replaced by real local ones; a command too long to
+run here is dry-run with `-n -p` appended and the values that reach each stage are read from the
+printed shell commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_stage
+from documented import (REPO, copy_repo, documented_commands, jobs, run_documented, shell_commands, stage_configs,
+                        user_env)
+from sd15_layout import sd15_layout
+
+from workflow.config import Config, load_config
+
+# command -> the test that runs it (filled in by @runs below, and by ELSEWHERE)
+RUNS: dict[str, str] = {}
+# Commands run outside this module, and where.
+ELSEWHERE = {
+    "make install": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "make test": ".ci/run (the suite itself; test_ci_runs_the_documented_test_commands)",
+    "make test-faults": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "make test-slurm": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "snakemake --profile slurm": "dry-run here; submitted to a real cluster by tests/test_slurm.py",
+    "make wheelhouse": "tests/test_wheelhouse.py (.ci/run)",
+    "make wheelhouse WHEEL_PYTHON=3.11": "tests/test_wheelhouse.py (.ci/run)",
+    "pip install --no-index --no-deps --target <dir> wheelhouse/*.whl": "tests/test_wheelhouse.py (.ci/run)",
+    "export PYTHONPATH=<dir> PATH=<dir>/bin:$PATH": "tests/test_wheelhouse.py (.ci/run)",
+    "python bench/train.py --set train.compile=false --set train.micro_batch=16 --steps 25 --warmup 10":
+        "test_bench_commands_on_a_gpu (needs CUDA; run on the lent H200)",
+    "python bench/train.py --gpus 1,2,4 --no-baseline": "test_bench_commands_on_a_gpu (needs 4 GPUs)",
+}
+ALL_STAGES = {"prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files", "all"}
+
+
+def runs(*commands: str):
+    def register(test):
+        for command in commands:
+            RUNS[command] = test.__name__
+        return test
+    return register
+
+
+def test_every_documented_command_is_run_by_a_test():
+    """A command added to the docs without a test here fails this; so does a test of a command
+    the docs no longer show."""
+    shown = documented_commands()
+    covered = set(RUNS) | set(ELSEWHERE)
+    untested = {c: where for c, where in shown.items() if c not in covered}
+    assert not untested, "documented commands no test runs:\n" + "\n".join(f"  {w}: {c}" for c, w in untested.items())
+    stale = covered - set(shown)
+    assert not stale, f"tests of commands the docs no longer show: {sorted(stale)}"
+
+
+def test_ci_runs_the_documented_test_commands():
+    ci = (REPO / ".ci" / "run").read_text()
+    lines = [line.split(" PYTEST_ARGS=")[0] for line in ci.splitlines()]
+    for target in ("install", "test", "test-faults", "test-slurm", "test-wheelhouse"):
+        assert f"make {target}" in lines, f"make {target} not in .ci/run"
+
+
+# ---------------------------------------------------------------- inputs for placeholder paths
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory) -> Path:
+    """An imagefolder like a user's: images and metadata.jsonl."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("my_pets")
+    with open(folder / "metadata.jsonl", "w") as meta:
+        for i in range(4):
+            Image.new("RGB", (40, 48), (60 * i, 90, 200 - 40 * i)).save(folder / f"rex{i}.png")
+            meta.write(json.dumps({"file_name": f"rex{i}.png", "text": f"a photo of rex the dog {i}"}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd15(built, tmp_path_factory) -> Path:
+    """A tiny model laid out like stable-diffusion-v1-5 (safety checker, fp16 variants, .bin)."""
+    return sd15_layout(built["model"], tmp_path_factory.mktemp("models") / "stable-diffusion-v1-5")
+
+
+# ---------------------------------------------------------------- dry-runs: what reaches each stage
+
+
+def _dry_runs(cwd: Path, cases: list[tuple[str, dict]]) -> list[subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(2) as pool:  # Snakemake's start-up is one core's work
+        procs = list(pool.map(lambda case: run_documented(case[0], cwd, replace=case[1], dry_run=True), cases))
+    for (command, _), proc in zip(cases, procs):
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return procs
+
+
+@runs("snakemake -n", "snakemake --cores all --until cache", "snakemake --cores all --config train__steps=1000 run=longer",
+      "snakemake --cores all --config train__steps=100 run=short", "snakemake --profile profiles/local",
+      "snakemake --profile slurm -n")
+def test_dry_runs_show_the_jobs_and_overrides(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    plain = run_documented("snakemake -n", repo)
+    assert plain.returncode == 0 and jobs(plain) == ALL_STAGES, plain.stdout[-3000:] + plain.stderr[-3000:]
+    until, longer, short, local, slurm = _dry_runs(repo, [
+        ("snakemake --cores all --until cache", {}),
+        ("snakemake --cores all --config train__steps=1000 run=longer", {}),
+        ("snakemake --cores all --config train__steps=100 run=short", {}),
+        ("snakemake --profile profiles/local", {}),
+        ("snakemake --profile slurm -n", {}),
+    ])
+    assert jobs(until) == {"prepare", "fetch_model", "cache"}
+    for proc, steps, run in ((longer, 1000, "longer"), (short, 100, "short")):
+        cfg = stage_configs(proc)
+        assert {s: cfg[s]["train"]["steps"] for s in ("train", "ema", "sample")} == dict.fromkeys(("train", "ema", "sample"), steps)
+        assert cfg["train"]["run"] == run and f"--run-dir results/runs/{run}" in " ".join(shell_commands(proc, "train"))
+    assert jobs(local) == ALL_STAGES
+    assert jobs(slurm) == ALL_STAGES and "slurm_partition=gpu" in slurm.stdout  # the profile's own site settings
+    assert not (repo / "results").exists() and not (repo / "resources").exists()
+
+
+@runs("snakemake --profile slurm", "snakemake --profile slurm --config slurm__nodes=4 slurm__gpus_per_node=8 "
+      "train__zero_stage=2 train__precision=bf16 model__pretrained=/models/stable-diffusion-v1-5 ...",
+      "snakemake --profile slurm --configfile config/gpu.yaml --config ...")
+def test_slurm_profile_by_name_from_the_repo_root(tmp_path, sd15):
+    """`--profile slurm` is found in the repo root (Snakemake looks a name up in the working
+    directory) and is the same profile as `--profile profiles/slurm`."""
+    repo = copy_repo(tmp_path / "repo")
+    by_name, by_path, multi, gpu = _dry_runs(repo, [
+        ("snakemake --profile slurm", {}),
+        ("snakemake --profile profiles/slurm", {}),
+        ("snakemake --profile slurm --config slurm__nodes=4 slurm__gpus_per_node=8 train__zero_stage=2 "
+         "train__precision=bf16 model__pretrained=/models/stable-diffusion-v1-5 ...",
+         {"/models/stable-diffusion-v1-5": str(sd15), " ...": ""}),
+        ("snakemake --profile slurm --configfile config/gpu.yaml --config ...", {" ...": ""}),
+    ])
+    assert (repo / "slurm").is_symlink() and (repo / "slurm").resolve() == (repo / "profiles" / "slurm").resolve()
+    assert jobs(by_name) == jobs(by_path) == ALL_STAGES
+    assert "slurm_account=my_account" in by_name.stdout and "slurm_account=my_account" in by_path.stdout
+    train = " ".join(shell_commands(multi, "train"))
+    assert "srun --nodes=4 --ntasks-per-node=8 --gres=gpu:8" in train and "--preflight 32" in train
+    cfg = stage_configs(multi)["train"]
+    assert (cfg["train"]["zero_stage"], cfg["train"]["precision"], cfg["model"]["pretrained"]) == (2, "bf16", str(sd15))
+    cfg = stage_configs(gpu)["train"]
+    assert (cfg["train"]["zero_stage"], cfg["train"]["precision"], cfg["cache"]["resolution"]) == (2, "bf16", 512)
+
+
+@runs("snakemake --cores all --config data__source=imagefolder:/data/my_pets run=pets "
+      "sample__prompts='[\"a photo of rex the dog on a beach\"]'",
+      "snakemake --cores all --config model__pretrained=/models/stable-diffusion-v1-5 data__source=imagefolder:/data/my_pets "
+      "cache__resolution=512 run=pets-sd15 train__micro_batch=4 train__lr=1e-5 train__steps=2000 train__precision=bf16 "
+      "train__zero_stage=2",
+      "snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/stable-diffusion-v1-5 "
+      "data__source=imagefolder:/data/pets run=pets",
+      "snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/sd15 "
+      "data__source=imagefolder:/data/pets run=pets",
+      "snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config ...",
+      "snakemake --cores all --configfile config/gpu.yaml --config train__micro_batch=1 train__offload_optimizer=cpu "
+      "train__gradient_checkpointing=true ema__offload=cpu ...")
+def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, sd15):
+    repo = copy_repo(tmp_path / "repo")
+    data, model = {"/data/my_pets": str(pets)}, {"/models/stable-diffusion-v1-5": str(sd15)}
+    own, sd, gpu, gpu_sd15, one_gpu, small = _dry_runs(repo, [
+        ("snakemake --cores all --config data__source=imagefolder:/data/my_pets run=pets "
+         "sample__prompts='[\"a photo of rex the dog on a beach\"]'", data),
+        ("snakemake --cores all --config model__pretrained=/models/stable-diffusion-v1-5 "
+         "data__source=imagefolder:/data/my_pets cache__resolution=512 run=pets-sd15 train__micro_batch=4 train__lr=1e-5 "
+         "train__steps=2000 train__precision=bf16 train__zero_stage=2", data | model),
+        ("snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/stable-diffusion-v1-5 "
+         "data__source=imagefolder:/data/pets run=pets", {"/data/pets": str(pets)} | model),
+        ("snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/sd15 "
+         "data__source=imagefolder:/data/pets run=pets", {"/data/pets": str(pets), "/models/sd15": str(sd15)}),
+        ("snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config ...", {" ...": ""}),
+        ("snakemake --cores all --configfile config/gpu.yaml --config train__micro_batch=1 train__offload_optimizer=cpu "
+         "train__gradient_checkpointing=true ema__offload=cpu ...", {" ...": ""}),
+    ])
+    cfg = stage_configs(own)
+    assert cfg["prepare"]["data"]["source"] == f"imagefolder:{pets}" and cfg["sample"]["run"] == "pets"
+    assert cfg["sample"]["sample"]["prompts"] == ["a photo of rex the dog on a beach"]
+    assert "fetch_model" in jobs(own) and cfg["fetch_model"]["model"]["pretrained"] == "builtin:tiny"
+
+    cfg = stage_configs(sd)
+    train = cfg["train"]["train"]
+    assert cfg["fetch_model"]["model"]["pretrained"] == str(sd15) and cfg["cache"]["cache"]["resolution"] == 512
+    assert (train["micro_batch"], train["lr"], train["steps"], train["precision"], train["zero_stage"]) == \
+        (4, 1e-5, 2000, "bf16", 2)
+    assert "--run-dir results/runs/pets-sd15" in " ".join(shell_commands(sd, "train"))
+    assert "--data" not in " ".join(shell_commands(sd, "fetch_model"))  # a local folder: linked, not built
+
+    for proc in (gpu, gpu_sd15):
+        cfg = stage_configs(proc)
+        assert cfg["train"]["model"]["pretrained"] == str(sd15) and cfg["train"]["data"]["source"] == f"imagefolder:{pets}"
+        assert (cfg["train"]["train"]["precision"], cfg["train"]["train"]["zero_stage"], cfg["train"]["train"]["compile"],
+                cfg["cache"]["cache"]["resolution"]) == ("bf16", 2, True, 512)
+    train = stage_configs(one_gpu)["train"]["train"]
+    assert (train["precision"], train["zero_stage"], train["compile"]) == ("bf16-mixed", 0, True)
+    cfg = stage_configs(small)["train"]
+    assert (cfg["train"]["micro_batch"], cfg["train"]["offload_optimizer"], cfg["train"]["gradient_checkpointing"],
+            cfg["ema"]["offload"], cfg["train"]["precision"]) == (1, "cpu", True, "cpu", "bf16")
+
+
+@pytest.mark.parametrize("typed, key", [
+    ("train__zero_stage=4", "train.zero_stage"),
+    ("train__precision=fp8", "train.precision"),
+    ("train__micro_batch=0", "train.micro_batch"),
+    ("train__bogus=1", "train.bogus"),
+    ("data__source=s3://bucket/pets", "data.source"),
+])
+def test_bad_config_values_stop_the_dry_run_naming_the_key(tmp_path, typed, key):
+    """The values reach validation whatever order Snakemake hands the keys over in."""
+    repo = copy_repo(tmp_path / "repo")
+    proc = run_documented(f"snakemake -n --config {typed}", repo)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert f"  {key}:" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- stage modules by hand
+
+
+@runs("python -m workflow.<stage> --help", "python -m workflow.train", "python -m workflow.wheelhouse")
+def test_stage_modules_by_hand(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    stages = ["prepare", "fetch_model", "cache", "train", "ema", "sample", "report"]
+    with ThreadPoolExecutor(2) as pool:
+        helps = list(pool.map(lambda s: run_documented("python -m workflow.<stage> --help", repo,
+                                                        replace={"<stage>": s}), stages))
+    for stage, proc in zip(stages, helps):
+        assert proc.returncode == 0 and f"usage: python -m workflow.{stage}" in proc.stdout, proc.stderr[-2000:]
+        assert "--config" in proc.stdout and "--set" in proc.stdout
+    bare = run_documented("python -m workflow.train", repo)
+    assert bare.returncode == 2 and "--latents" in bare.stderr and "required" in bare.stderr, bare.stderr
+    wheels = run_documented("python -m workflow.wheelhouse", repo)
+    assert wheels.returncode == 0 and "snakemake==9.27.1" in wheels.stdout.split(), wheels.stderr[-2000:]
+    assert not any(line.startswith(("torch==", "numpy==")) for line in wheels.stdout.split())
+
+
+@runs("source .venv/bin/activate", "pip install wandb")
+def test_venv_setup_lines(tmp_path):
+    """What the tests' shell is: the venv's bin first on PATH, as `activate` makes it."""
+    activate = Path(user_env()["VIRTUAL_ENV"]) / "bin" / "activate"
+    assert activate.is_file()
+    proc = subprocess.run(["bash", "-c", f"source {activate} && command -v snakemake python pip"], capture_output=True,
+                          text=True)
+    assert proc.stdout.split() == [str(activate.parent / p) for p in ("snakemake", "python", "pip")]
+    wandb = run_documented("pip install wandb", tmp_path)  # the test extra installs it: nothing to fetch
+    assert wandb.returncode == 0 and "already satisfied" in wandb.stdout, wandb.stdout + wandb.stderr
+
+
+# ---------------------------------------------------------------- the default run, for real
+
+
+@pytest.mark.slow
+@runs("make run", "snakemake --cores all", "snakemake --report report.html", "snakemake --cores all --forcerun train",
+      "python -m workflow.train --config config.yaml --set train.steps=50 --latents results/latents/digits/tiny-digits_32px "
+      "--data results/data/digits --model resources/models/tiny-digits --run-dir results/runs/digits-tiny")
+def test_default_run_as_the_readme_shows(tmp_path):
+    """The embedded default reaches digit_accuracy >= 0.90 from a plain `snakemake --cores all`; the
+    README's other lines on the same folder do what it says."""
+    repo = copy_repo(tmp_path / "repo")
+    make = subprocess.run(["make", "-n", "run"], cwd=repo, capture_output=True, text=True, env=user_env())
+    assert make.stdout.strip().splitlines()[-1] == ".venv/bin/snakemake --cores all ", make.stdout
+
+    until = run_documented("snakemake --cores all --until cache", repo)
+    assert until.returncode == 0, until.stderr[-3000:]
+    assert (repo / "results/latents/digits/tiny-digits_32px/manifest.json").is_file()
+    assert not (repo / "results" / "runs").exists()
+
+    by_hand = run_documented("python -m workflow.train --config config.yaml --set train.steps=50 --latents "
+                             "results/latents/digits/tiny-digits_32px --data results/data/digits --model "
+                             "resources/models/tiny-digits --run-dir results/runs/digits-tiny", repo)
+    assert by_hand.returncode == 0, by_hand.stderr[-3000:]
+    run = repo / "results" / "runs" / "digits-tiny"
+    assert json.loads((run / "train.json").read_text())["final_step"] == 50
+    shutil.rmtree(run)  # the hand-made run is not Snakemake's: start the pipeline's own afresh
+
+    full = run_documented("snakemake --cores all", repo)
+    assert full.returncode == 0, full.stderr[-5000:]
+    assert "prepare" not in jobs(full) and "cache" not in jobs(full)  # --until cache made them
+    metrics = json.loads((run / "samples" / "metrics.json").read_text())
+    assert metrics["images"] == 100 and metrics["digit_images_scored"] == 100
+    assert metrics["digit_accuracy"] >= 0.90, metrics
+    assert (run / "model" / "model_index.json").is_file() and (repo / "logs/digits-tiny/train.log").is_file()
+    assert (repo / "benchmarks/digits-tiny/train.tsv").is_file()
+
+    report = run_documented("snakemake --report report.html", repo)
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (repo / "report.html").read_text(errors="replace")
+    for name in ("grid.png", "training.png", "metrics.html", "config.yaml"):
+        assert name in page, name
+
+    nothing = run_documented("snakemake -n", repo)
+    assert nothing.returncode == 0 and jobs(nothing) == set(), nothing.stdout
+    steps = Config().train.steps
+    changed = run_documented(f"snakemake -n --config train__steps={steps + 2}", repo)
+    assert jobs(changed) == {"train", "ema", "sample", "report_files", "all"}, changed.stdout
+    merge_only = run_documented("snakemake -n --config ema__use=false", repo)
+    assert jobs(merge_only) == {"ema", "sample", "report_files", "all"}, merge_only.stdout
+
+    forced = run_documented("snakemake --cores all --forcerun train", repo)
+    assert forced.returncode == 0, forced.stderr[-5000:]
+    assert jobs(forced) == {"train", "ema", "sample", "report_files", "all"}
+    result = json.loads((run / "train.json").read_text())
+    assert result["resumed_from"] == steps and result["final_step"] == steps  # resumed, not retrained
+
+
+# ---------------------------------------------------------------- Snakemake killed, then what the README says
+
+
+TINY_CONFIG = {"model": {"tiny": {"vae_steps": 5}}, "data": {"shard_size": 700},
+               "train": {"steps": 24, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 1, "warmup_steps": 2},
+               "ema": {"posthoc": {"sigma_rels": [0.05, 0.10], "snapshot_every": 4}},
+               "sample": {"prompts": ["a handwritten digit 3"], "seeds": [0], "steps": 2}}
+
+
+@pytest.fixture
+def tiny_repo(tmp_path) -> Path:
+    """A copy whose config.yaml a user has edited: a short run that keeps post-hoc EMA snapshots."""
+    repo = copy_repo(tmp_path / "repo")
+    cfg = yaml.safe_load((repo / "config.yaml").read_text())
+    for section, values in TINY_CONFIG.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                cfg[section][key] |= value
+            else:
+                cfg[section][key] = value
+    (repo / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return repo
+
+
+@runs("snakemake --unlock", "snakemake --cores all --config ema__target_sigma_rel=0.08 --forcerun ema")
+def test_snakemake_killed_mid_train_then_unlock_and_rerun(tiny_repo, tmp_path):
+    """SIGKILL to Snakemake alone (as `kill -9 <pid>`): training sees its parent go, saves and stops;
+    the same command then stops on the lock, `snakemake --unlock` and the same command resume it, and
+    the weights equal an uninterrupted run's bit for bit."""
+    repo = tiny_repo
+    run = repo / "results" / "runs" / "digits-tiny"
+    first = run_documented("snakemake --cores all", repo, wait=False)
+    log = run / "log.jsonl"
+    deadline = time.time() + 600
+    while not (log.is_file() and log.read_text().count("\n") >= 6):
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)  # Snakemake only: its jobs are left running, as after kill -9
+    first.wait()
+    stage_log = repo / "logs" / "digits-tiny" / "train.log"
+    deadline = time.time() + 120
+    while "exiting 75" not in stage_log.read_text():
+        assert time.time() < deadline, stage_log.read_text()[-3000:]
+        time.sleep(0.5)
+    assert "is gone: stopping after a checkpoint" in stage_log.read_text()
+    assert not (run / "train.json").exists()
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip()[4:])
+    assert 6 <= stopped_at < TINY_CONFIG["train"]["steps"]
+
+    locked = run_documented("snakemake --cores all", repo)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    unlock = run_documented("snakemake --unlock", repo)
+    assert unlock.returncode == 0, unlock.stderr[-2000:]
+    rerun = run_documented("snakemake --cores all", repo)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    result = json.loads((run / "train.json").read_text())
+    assert result["resumed_from"] == stopped_at and result["final_step"] == TINY_CONFIG["train"]["steps"]
+
+    cfg = load_config(repo / "config.yaml")
+    straight = tmp_path / "straight"
+    run_stage("train", cfg, "--latents", str(repo / "results/latents/digits/tiny-digits_32px"), "--model",
+              str(repo / "resources/models/tiny-digits"), "--data", str(repo / "results/data/digits"),
+              "--run-dir", str(straight))
+    from test_train import final_weights
+
+    resumed, uninterrupted = final_weights(run), final_weights(straight)
+    assert resumed.keys() == uninterrupted.keys()
+    differ = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not differ, f"stopped at step {stopped_at}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+
+    posthoc = run_documented("snakemake --cores all --config ema__target_sigma_rel=0.08 --forcerun ema", repo)
+    assert posthoc.returncode == 0, posthoc.stderr[-4000:]
+    assert jobs(posthoc) == {"ema", "sample", "report_files", "all"}  # no retraining
+    merge = json.loads((run / "model" / "merge.json").read_text())
+    assert merge["posthoc"]["target_sigma_rel"] == 0.08, merge
+
+
+# ---------------------------------------------------------------- GPU-only lines
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bench/train.py measures GPUs")
+def test_bench_commands_on_a_gpu(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    proc = run_documented("python bench/train.py --set train.compile=false --set train.micro_batch=16 --steps 25 "
+                          "--warmup 10", repo, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["train_stage"][0]["img_s"] > 0 and result["plain_pytorch"]["img_s"] > 0
+    assert result["train"]["micro_batch"] == 16 and result["train"]["compile"] is False

@@ -1,0 +1,65 @@
+"""Model folders as real Stable Diffusion 1.5 repos lay them out, through every stage.
+
+Bugs this catches: a base whose model_index.json lists a safety checker and a feature extractor
+(stable-diffusion-v1-5 does) failing to load because only unet/vae/text_encoder/tokenizer/scheduler
+were linked; fp16-only weights (`diffusion_pytorch_model.fp16.safetensors`) not found; fp16 files
+beside the fp32 ones loaded instead of the fp32 weights; a `.bin`-only text encoder; and a merged
+model that dropped what the base had, so `from_pretrained` on it behaves differently than on the base.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_stage, tiny_config
+from sd15_layout import sd15_layout
+
+from workflow.models import load_unet, load_vae, pipeline_variant, weights_variant
+
+
+@pytest.mark.parametrize("layout", [
+    dict(safety="tiny", fp16="beside", bin_te=True),   # stable-diffusion-v1-5 as downloaded
+    dict(safety="null", fp16="only", bin_te=True),     # a fine-tuned repo: fp16 files only, no checker
+])
+def test_sd15_layout_through_every_stage(built, tmp_path, layout):
+    from diffusers import StableDiffusionPipeline
+
+    base = sd15_layout(built["model"], tmp_path / "stable-diffusion-v1-5", **layout)
+    expected_variant = "fp16" if layout["fp16"] == "only" else None
+    assert weights_variant(base / "unet") == expected_variant and pipeline_variant(base) == expected_variant
+    # fp16 beside fp32: the fp32 weights are the ones loaded, bit for bit.
+    original = load_unet(built["model"]).state_dict()
+    loaded = load_unet(base).state_dict()
+    if layout["fp16"] == "beside":
+        assert all(torch.equal(original[k], loaded[k]) for k in original)
+    else:
+        assert all(torch.equal(original[k].half().float(), loaded[k]) for k in original)
+    assert load_vae(base).dtype == torch.float32
+
+    cfg = tiny_config(f"model.pretrained={base}", "train.steps=2", "train.procs=1", "train.checkpoint_every=2")
+    model, latents, run_dir = tmp_path / "linked", tmp_path / "latents", tmp_path / "run"
+    run_stage("fetch_model", cfg, "--out", str(model))
+    assert not (model / "v1-5-pruned-emaonly.safetensors").exists()  # only the pipeline's parts
+    assert (model / "safety_checker").is_dir() == (layout["safety"] == "tiny")
+    run_stage("cache", cfg, "--data", str(built["data"]), "--model", str(model), "--out", str(latents))
+    run_stage("train", cfg, "--latents", str(latents), "--model", str(model), "--data", str(built["data"]),
+              "--run-dir", str(run_dir))
+    run_stage("ema", cfg, "--model", str(model), "--run-dir", str(run_dir), "--out", str(run_dir / "model"))
+    run_stage("sample", cfg, "--model", str(run_dir / "model"), "--base-model", str(model), "--latents", str(latents),
+              "--run-dir", str(run_dir), "--out", str(run_dir / "samples"))
+    assert json.loads((run_dir / "samples" / "metrics.json").read_text())["images"] == 4
+
+    # The merged model keeps what the base had, so from_pretrained treats both alike.
+    index = {name: json.loads((folder / "model_index.json").read_text()) for name, folder in
+             (("base", base), ("merged", run_dir / "model"))}
+    for key in ("safety_checker", "feature_extractor", "requires_safety_checker", "scheduler", "text_encoder"):
+        assert index["merged"][key] == index["base"][key], key
+    merged = StableDiffusionPipeline.from_pretrained(run_dir / "model")
+    reference = StableDiffusionPipeline.from_pretrained(base, variant=pipeline_variant(base))
+    assert type(merged.safety_checker) is type(reference.safety_checker)
+    assert type(merged.feature_extractor) is type(reference.feature_extractor)
+    scheduler = {k: v for k, v in merged.scheduler.config.items() if not k.startswith("_")}
+    assert scheduler == {k: v for k, v in reference.scheduler.config.items() if not k.startswith("_")}
+    assert not torch.equal(merged.unet.state_dict()["conv_in.weight"], reference.unet.state_dict()["conv_in.weight"])
