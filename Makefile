@@ -45,7 +45,7 @@ clean:
 # plugin included, at the versions `make install` resolved (the list: python -m workflow.wheelhouse).
 # DeepSpeed is built here as a pure-Python wheel (DS_BUILD_OPS=0: its CUDA ops are JIT-compiled on the
 # node if needed); packages with no wheel on PyPI (connection-pool) are built here too.
-# Install there: pip install --no-index --no-deps --target <dir> wheelhouse/*.whl
+# Install there: python3 -m pip install --no-index --no-deps --target <dir> wheelhouse/*.whl
 WHEELHOUSE ?= wheelhouse
 WHEEL_PYTHON ?= 3.12
 WHEEL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRAMS = ("snakemake", "make", "python", "pip", "source", "export")
+PROGRAMS = ("snakemake", "make", "python", "python3", "pip", "source", "export")
 COMMENTED = ["config.yaml", "Snakefile", "profiles/local/config.yaml", "profiles/slurm/config.yaml",
              "config/gpu.yaml", "config/one-gpu.yaml"]
 VENV_BIN = Path(sys.executable).parent
@@ -96,8 +96,8 @@ def run_documented(command: str, cwd: Path, *, replace: dict[str, str] | None = 
 
 
 def jobs(proc: subprocess.CompletedProcess) -> set[str]:
-    """The rules of the jobs a (dry-)run lists."""
-    return {line.split("rule ")[1].rstrip(":") for line in proc.stdout.splitlines()
+    """The rules of the jobs a (dry-)run lists (a real run logs them to stderr)."""
+    return {line.split("rule ")[1].rstrip(":") for line in (proc.stdout + (proc.stderr or "")).splitlines()
             if line.lstrip().startswith(("rule ", "localrule "))}
 
 

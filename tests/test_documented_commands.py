@@ -42,7 +42,7 @@ ELSEWHERE = {
     "snakemake --profile slurm": "dry-run here; submitted to a real cluster by tests/test_slurm.py",
     "make wheelhouse": "tests/test_wheelhouse.py (.ci/run)",
     "make wheelhouse WHEEL_PYTHON=3.11": "tests/test_wheelhouse.py (.ci/run)",
-    "pip install --no-index --no-deps --target <dir> wheelhouse/*.whl": "tests/test_wheelhouse.py (.ci/run)",
+    "python3 -m pip install --no-index --no-deps --target <dir> wheelhouse/*.whl": "tests/test_wheelhouse.py (.ci/run)",
     "export PYTHONPATH=<dir> PATH=<dir>/bin:$PATH": "tests/test_wheelhouse.py (.ci/run)",
     "python bench/train.py --set train.compile=false --set train.micro_batch=16 --steps 25 --warmup 10":
         "test_bench_commands_on_a_gpu (needs CUDA; run on the lent H200)",
@@ -273,7 +273,7 @@ def test_default_run_as_the_readme_shows(tmp_path):
     README's other lines on the same folder do what it says."""
     repo = copy_repo(tmp_path / "repo")
     make = subprocess.run(["make", "-n", "run"], cwd=repo, capture_output=True, text=True, env=user_env())
-    assert make.stdout.strip().splitlines()[-1] == ".venv/bin/snakemake --cores all ", make.stdout
+    assert make.stdout.strip().splitlines()[-1] == ".venv/bin/snakemake --cores all", make.stdout
 
     until = run_documented("snakemake --cores all --until cache", repo)
     assert until.returncode == 0, until.stderr[-3000:]

@@ -63,3 +63,35 @@ def test_sd15_layout_through_every_stage(built, tmp_path, layout):
     scheduler = {k: v for k, v in merged.scheduler.config.items() if not k.startswith("_")}
     assert scheduler == {k: v for k, v in reference.scheduler.config.items() if not k.startswith("_")}
     assert not torch.equal(merged.unet.state_dict()["conv_in.weight"], reference.unet.state_dict()["conv_in.weight"])
+
+
+def test_hub_download_takes_one_weights_set_per_listed_component():
+    """What fetch_model asks the Hub for, given stable-diffusion-v1-5's file list (bug caught: only
+    five fixed subfolders were downloaded, so the listed safety checker and feature extractor were
+    missing and the folder did not load; and `*.bin` was skipped, so a .bin-only encoder was lost)."""
+    from workflow.fetch_model import hub_files_to_fetch
+
+    weights = [f"{name}.{ext}" for name in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16")
+               for ext in ("safetensors", "bin")]
+    files = ["model_index.json", "README.md", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors",
+             "feature_extractor/preprocessor_config.json", "scheduler/scheduler_config.json",
+             "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json",
+             "safety_checker/config.json", "safety_checker/model.safetensors", "safety_checker/pytorch_model.fp16.bin",
+             "text_encoder/config.json", "text_encoder/pytorch_model.bin", "text_encoder/model.fp16.safetensors",
+             "unet/config.json", *(f"unet/{w}" for w in weights), "unet/diffusion_pytorch_model.non_ema.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.bin",
+             "onnx/unet/model.onnx"]
+    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": ["transformers", "CLIPImageProcessor"],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "requires_safety_checker": True,
+             **{name: ["x", "y"] for name in ("scheduler", "tokenizer", "text_encoder", "unet", "vae")}}
+    chosen = set(hub_files_to_fetch(files, index))
+    assert chosen == {
+        "model_index.json", "feature_extractor/preprocessor_config.json", "scheduler/scheduler_config.json",
+        "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json",
+        "safety_checker/config.json", "safety_checker/model.safetensors",
+        "text_encoder/config.json", "text_encoder/pytorch_model.bin",  # plain .bin beats an fp16 copy
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",  # only fp16 there
+    }
+    index["safety_checker"] = index["feature_extractor"] = [None, None]
+    assert not any(f.startswith(("safety_checker/", "feature_extractor/")) for f in hub_files_to_fetch(files, index))

@@ -1,4 +1,5 @@
-"""The pipeline on a real one-node Slurm cluster, through a profile derived from profiles/slurm.
+"""The pipeline on a real one-node Slurm cluster: `snakemake --profile slurm` from a copy of the repo
+whose profiles/slurm/config.yaml has this cluster's site settings (what the README has a user edit).
 
 Every stage is a Slurm job; training runs as 2 srun tasks (one per fake GPU, gloo on the CPU);
 a time-limit warning (SIGUSR1) makes training save and exit 75, and the retry resumes; a job
@@ -17,6 +18,7 @@ import pytest
 import slurm_cluster
 import yaml
 from conftest import REPO, TINY_OVERRIDES, stage_env
+from documented import copy_repo
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 pytestmark = pytest.mark.slurm
@@ -36,35 +38,32 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """One Snakemake folder for the module: the later tests reuse the prepared data, model and latent
+    """One copy of the repo for the module: the later tests reuse the prepared data, model and latent
     cache (each under its own run name), so only their training and what follows runs again."""
-    return tmp_path_factory.mktemp("slurm_workdir")
+    return copy_repo(tmp_path_factory.mktemp("slurm") / "repo")
 
 
-def test_profile(tmp_path: Path, retries: int = 1) -> Path:
-    """profiles/slurm with this cluster's site settings (what a user edits)."""
+def edit_site_settings(workdir: Path, tmp_path: Path, retries: int = 1) -> None:
+    """profiles/slurm/config.yaml (reached through the `slurm` link) with this cluster's site
+    settings, as a user edits it; shorter waits and retries for the tests."""
+    path = workdir / "slurm" / "config.yaml"
     profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
     profile["default-resources"] = {"slurm_partition": "debug", "runtime": 10, "mem_mb": 1000}
     profile |= {"slurm-no-account": True, "slurm-status-command": "squeue", "jobs": 2, "retries": retries,
                 "latency-wait": 5, "slurm-init-seconds-before-status-checks": 2,
                 "slurm-logdir": str(tmp_path / "slurm_logs"), "slurm-keep-successful-logs": True}
-    folder = tmp_path / "profile"
-    folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump(profile))
-    return folder
+    path.write_text(yaml.safe_dump(profile))
 
 
-test_profile.__test__ = False  # a helper, not a test
-
-
-def snakemake(workdir: Path, profile: Path, *overrides: str, wait: bool = True):
+def snakemake(workdir: Path, *overrides: str, wait: bool = True):
+    """`snakemake --profile slurm --config ...` typed in the repo root."""
     config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in TINY_OVERRIDES + SLURM_OVERRIDES
                                                           + list(overrides))]
-    cmd = [SNAKEMAKE, "--profile", str(profile), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(REPO / "config.yaml"), "--config", *config]
+    cmd = [SNAKEMAKE, "--profile", "slurm", "--config", *config]
     if not wait:
-        return subprocess.Popen(cmd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=stage_env(), capture_output=True, text=True, timeout=1500)
+        return subprocess.Popen(cmd, cwd=workdir, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=workdir, env=stage_env(), capture_output=True, text=True, timeout=1500)
 
 
 def running_train_job() -> str | None:
@@ -88,8 +87,8 @@ def checkpoint_step(run: Path) -> int:
 
 
 def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_path):
-    profile = test_profile(tmp_path)
-    proc = snakemake(workdir, profile)
+    edit_site_settings(workdir, tmp_path)
+    proc = snakemake(workdir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     run = workdir / "results" / "runs" / "digits-tiny"
     for rule in ("prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files"):
@@ -102,10 +101,10 @@ def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_pa
 
 
 def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_path):
-    profile = test_profile(tmp_path)
+    edit_site_settings(workdir, tmp_path)
     run = workdir / "results" / "runs" / "slurm-usr1"
     steps = ["run=slurm-usr1", "train.steps=40", "train.checkpoint_every=1000", "train.log_every=5"]
-    proc = snakemake(workdir, profile, *steps, "sample.seeds=[0]", wait=False)
+    proc = snakemake(workdir, *steps, "sample.seeds=[0]", wait=False)
     job = wait_for(running_train_job, 600, "the train job")
     wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 2, 300,
              "training steps")
@@ -118,16 +117,16 @@ def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_pat
 
 
 def test_cancelled_job_is_resumed_by_the_next_run(cluster, workdir, tmp_path):
-    profile = test_profile(tmp_path, retries=0)
+    edit_site_settings(workdir, tmp_path, retries=0)
     run = workdir / "results" / "runs" / "slurm-cancel"
     steps = ["run=slurm-cancel", "train.steps=30", "train.checkpoint_every=5", "sample.seeds=[0]"]
-    proc = snakemake(workdir, profile, *steps, wait=False)
+    proc = snakemake(workdir, *steps, wait=False)
     wait_for(lambda: checkpoint_step(run) >= 5, 900, "a checkpoint")
     subprocess.run(["scancel", "--user", "root"], check=True)
     proc.communicate(timeout=600)
     saved = checkpoint_step(run)
     assert saved >= 5 and not (run / "train.json").exists()
-    again = snakemake(workdir, profile, *steps)
+    again = snakemake(workdir, *steps)
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] >= saved and result["final_step"] == 30

@@ -70,7 +70,7 @@ def test_bare_node_runs_the_workflow_from_the_wheelhouse(tmp_path):
         return subprocess.run(["bash", "-c", line + kw.pop("then", "")], cwd=repo, env=env, capture_output=True,
                               text=True, timeout=kw.pop("timeout", 1200))
 
-    install = on_node("pip install --no-index --no-deps --target <dir> wheelhouse/*.whl")
+    install = on_node("python3 -m pip install --no-index --no-deps --target <dir> wheelhouse/*.whl")
     assert install.returncode == 0, install.stderr[-3000:]
     export = "export PYTHONPATH=<dir> PATH=<dir>/bin:$PATH"
     where = on_node(export, then="; command -v snakemake; python -c 'import torch, numpy; print(torch.__file__)'")

@@ -15,6 +15,7 @@ against checksums the engine computed at the end of training, and writes `<run>/
 
 from __future__ import annotations
 
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -341,6 +342,24 @@ def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> 
     pipe = load_sd_pipeline(model_dir, unet=unet)
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(folder, safe_serialization=True)
+    keep_settings_components(model_dir, folder)
+
+
+def keep_settings_components(base: Path, folder: Path) -> None:
+    """Components without weights (feature extractor, tokenizer) as the base has them: a re-save can
+    change them (transformers names its image processor's class after the backend it found)."""
+    from .models import pipeline_components
+
+    index_path = folder / "model_index.json"
+    index, base_index = read_json(index_path, "model index"), read_json(base / "model_index.json", "model index")
+    for name in pipeline_components(base):
+        has_weights = any(f.suffix in (".safetensors", ".bin") for f in (base / name).iterdir())
+        if name == "scheduler" or has_weights:
+            continue
+        shutil.rmtree(folder / name, ignore_errors=True)
+        shutil.copytree(base / name, folder / name)
+        index[name] = base_index[name]
+    write_json(index_path, index)
 
 
 def export_full(model_dir: Path, main: dict, other: dict, tmp: Path, other_name: str, prediction_type: str) -> dict:

@@ -20,7 +20,8 @@ from .cli import run, stage_main
 from .config import Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
-from .models import REQUIRED_SUBFOLDERS, build_sd15_arch, build_tiny, check_model_dir, pipeline_components
+from .models import (build_sd15_arch, build_tiny, check_model_dir, file_variant, is_weights, pipeline_components,
+                     preferred_variant)
 from .shards import iter_shard
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -47,13 +48,31 @@ def link_local(src: Path, tmp: Path) -> None:
         (tmp / name).symlink_to((src / name).resolve())
 
 
-def download_hub(repo_id: str, revision: str | None, tmp: Path) -> None:
-    from huggingface_hub import snapshot_download
+def hub_files_to_fetch(files: list[str], index: dict) -> list[str]:
+    """Of a Hub repo's files: model_index.json and, per component it lists, its settings files and
+    one set of weights (plain safetensors, else plain .bin, else the fp16 variant), not the
+    single-file checkpoints, non-EMA or ONNX copies beside them."""
+    chosen = ["model_index.json"]
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        inside = [f for f in files if f.startswith(f"{name}/") and f.count("/") == 1]
+        weights = [f for f in inside if is_weights(f) and "non_ema" not in f]
+        chosen += [f for f in inside if not is_weights(f)]
+        variant = preferred_variant({file_variant(f) for f in weights}) or ""
+        of_variant = [f for f in weights if file_variant(f) == variant]
+        safetensors = [f for f in of_variant if f.endswith(".safetensors")]
+        chosen += safetensors or of_variant
+    return chosen
 
-    patterns = ["model_index.json", *(f"{d}/*" for d in REQUIRED_SUBFOLDERS)]
+
+def download_hub(repo_id: str, revision: str | None, tmp: Path) -> None:
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
     try:
-        snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=patterns,
-                          ignore_patterns=["*.bin", "*.ckpt", "*non_ema*", "*.msgpack", "*.onnx*"])
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
+        snapshot_download(repo_id, revision=revision, local_dir=tmp, allow_patterns=hub_files_to_fetch(files, index))
     except Exception as e:
         raise ValueError(f"model.pretrained: could not download {repo_id!r} from the Hugging Face Hub: {e}") from e
 

@@ -32,17 +32,33 @@ def check_model_dir(path: str | Path) -> Path:
 # ---------------------------------------------------------------- loading
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def file_variant(name: str) -> str | None:
+    """The variant a weights file name carries: `diffusion_pytorch_model.fp16.safetensors` -> "fp16",
+    `model.fp16-00001-of-00002.safetensors` -> "fp16"; "" for plain weights."""
+    stem = name.rsplit(".", 1)[0]
+    return stem.split(".", 1)[1].split("-")[0] if "." in stem else ""
+
+
+def is_weights(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+def preferred_variant(variants: set[str]) -> str | None:
+    """Plain weights win where both are there, so fp32 weights are never replaced by their fp16
+    copy; else fp16, else whatever variant there is."""
+    if not variants or "" in variants:
+        return None
+    return "fp16" if "fp16" in variants else sorted(variants)[0]
+
+
 def weights_variant(folder: Path) -> str | None:
     """The variant to load from a component folder: None where plain weights are there
     (`diffusion_pytorch_model.safetensors`, `pytorch_model.bin`, shards), else the variant its files
-    carry (`diffusion_pytorch_model.fp16.safetensors`): repos that ship only fp16 files. Plain weights
-    win where both are there, so fp32 weights are never replaced by their fp16 copy."""
-    stems = [f.name.split(".safetensors")[0].split(".bin")[0] for f in folder.iterdir()
-             if f.name.endswith((".safetensors", ".bin")) and not f.name.endswith(".index.json")]
-    if not stems or any("." not in stem for stem in stems):
-        return None
-    variants = sorted({stem.split(".", 1)[1].split("-")[0] for stem in stems})
-    return "fp16" if "fp16" in variants else variants[0]
+    carry (repos that ship only `diffusion_pytorch_model.fp16.safetensors`)."""
+    return preferred_variant({file_variant(f.name) for f in folder.iterdir() if is_weights(f.name)})
 
 
 def pipeline_variant(model_dir: Path) -> str | None:
