@@ -76,6 +76,17 @@ def test_flattened_keys_beat_the_nested_value_whatever_the_order():
         validate({"train__zero_stage": 4, **yaml.safe_load((REPO / "config.yaml").read_text())})
 
 
+def test_command_line_null_is_null():
+    """`--config model__name=null` reaches us as the string 'null' (Snakemake's YAML base loader):
+    it must mean null, not a model folder named 'null'."""
+    raw = {"model__name": "null", "sample__resolution": "~", "sample__negative_prompt": "a null hypothesis",
+           **yaml.safe_load((REPO / "config.yaml").read_text())}
+    raw["model"]["name"] = "mine"
+    cfg = validate(raw)
+    assert cfg.model.name is None and cfg.sample.resolution is None
+    assert cfg.sample.negative_prompt == "a null hypothesis"
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config("nope.yaml")

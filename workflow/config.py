@@ -344,7 +344,7 @@ def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     depth = {key: key.replace("__", ".").count(".") for key in flat}
     for key in sorted(flat, key=depth.__getitem__):  # stable: sections first, then a.b, then a.b.c
-        value = flat[key]
+        value = flat[key] if not depth[key] else command_line_nulls(flat[key])
         parts = key.replace("__", ".").split(".")
         node = out
         for p in parts[:-1]:
@@ -358,6 +358,21 @@ def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
                 value = deep_merge(node[parts[-1]], value)
         node[parts[-1]] = value
     return out
+
+
+YAML_NULLS = {"null", "Null", "NULL", "~"}
+
+
+def command_line_nulls(value: Any) -> Any:
+    """Snakemake parses `--config key=null` (and the items of `[0, null]`) with YAML's base loader,
+    which keeps `null` a string; in a flattened key it means YAML's null, as it would in a file."""
+    if isinstance(value, str):
+        return None if value in YAML_NULLS else value
+    if isinstance(value, list):
+        return [command_line_nulls(v) for v in value]
+    if isinstance(value, dict):
+        return {k: command_line_nulls(v) for k, v in value.items()}
+    return value
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
