@@ -39,6 +39,7 @@ ELSEWHERE = {
     "make test": ".ci/run (the suite itself; test_ci_runs_the_documented_test_commands)",
     "make test-faults": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-slurm": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "make test-wheelhouse": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "snakemake --profile slurm": "dry-run here; submitted to a real cluster by tests/test_slurm.py",
     "make wheelhouse": "tests/test_wheelhouse.py (.ci/run)",
     "make wheelhouse WHEEL_PYTHON=3.11": "tests/test_wheelhouse.py (.ci/run)",
