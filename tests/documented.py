@@ -70,7 +70,10 @@ def copy_repo(dst: Path) -> Path:
 
 def user_env() -> dict[str, str]:
     """The shell after `source .venv/bin/activate`: the venv's programs first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SNAKEMAKE", "PYTEST"))}
+    # Nothing of the test runner's own: `make test` exports MAKEFLAGS/MAKELEVEL, which make a nested
+    # make print "Entering directory" lines a user's shell does not.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SNAKEMAKE", "PYTEST", "MAKE", "MFLAGS")) and k != "MAKELEVEL"}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
     env.setdefault("HF_HUB_OFFLINE", "1")
