@@ -231,6 +231,40 @@ def test_stop_signal_saves_and_exits_with_its_code(built, tmp_path, signum, whom
     assert json.loads((run_dir / "train.json").read_text())["final_step"] == stopped_at + 2
 
 
+def test_a_second_training_waits_for_the_one_still_writing_the_run(built, tmp_path):
+    """Bug caught: after Snakemake was killed, its training saves a checkpoint before exiting; a
+    rerun typed meanwhile deleted that half-written checkpoint (as cut short) and trained beside it.
+    Here the test holds the run folder's lock as that training would: the stage waits, starts
+    nothing, and trains once the lock is free."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = open(run_dir / "train.lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("4242\n")
+    holder.flush()
+    cfg = tiny_config("train.steps=2", "train.procs=1")
+    cmd = [sys.executable, "-m", "workflow.train", "--config", json.dumps(cfg.model_dump(mode="json")),
+           *train_args(built, run_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        waiting = ""
+        deadline = time.time() + 120
+        while "waiting for it to finish" not in waiting:
+            assert proc.poll() is None and time.time() < deadline, waiting + (proc.stdout.read() or "")
+            waiting += proc.stdout.readline()
+        assert "pid 4242" in waiting
+        time.sleep(2)
+        assert proc.poll() is None and not (run_dir / "checkpoints").exists() and not (run_dir / "log.jsonl").exists()
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run_dir / "train.json").read_text())["final_step"] == 2
+
+
 def _poison_latents(built, dst: Path, source_ids: set[int]) -> None:
     """A copy of the latent cache whose samples `source_ids` have NaN latents."""
     import shutil

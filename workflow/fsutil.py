@@ -89,3 +89,34 @@ def sha256_tree(root: str | Path) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+_HELD_LOCKS: list = []  # open lock files: a lock lasts as long as its descriptor, here the process
+
+
+def hold_run_lock(run_dir: Path) -> None:
+    """One training per run folder, for as long as this process lives.
+
+    After Snakemake itself was killed, the training it had started saves a checkpoint before it
+    exits (seconds to minutes on a large model); a rerun typed meanwhile waits here instead of
+    deleting that half-written checkpoint or writing beside it."""
+    import fcntl
+    import sys
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / "train.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        print(f"train: another training (pid {lock.read().strip() or '?'}) is still writing {run_dir}: waiting for "
+              "it to finish", file=sys.stderr, flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as e:  # a network filesystem without locks
+        print(f"train: cannot lock {run_dir} ({e}); make sure no other training writes to it", file=sys.stderr)
+        return
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _HELD_LOCKS.append(lock)

@@ -34,7 +34,7 @@ from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_w
                           stop_when_parent_dies)
 from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
-from .fsutil import atomic_file, read_json, write_json
+from .fsutil import atomic_file, hold_run_lock, read_json, write_json
 from .latents import LatentStream
 from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, load_vae
 from .profiling import StepProfiler, phase
@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if not launched():
         if args.stop_with_parent:
             stop_when_parent_dies()
+        hold_run_lock(run_dir)  # before preflight, which deletes unfinished checkpoints
         nprocs = procs_wanted(cfg.train.procs)
         preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, nprocs)
         if nprocs > 1:
