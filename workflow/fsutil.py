@@ -115,8 +115,9 @@ def hold_run_lock(run_dir: Path) -> None:
     except OSError as e:  # a network filesystem without locks
         print(f"train: cannot lock {run_dir} ({e}); make sure no other training writes to it", file=sys.stderr)
         return
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
+    with contextlib.suppress(OSError):  # the pid only names the holder to a waiting rerun (a full disk)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
     _HELD_LOCKS.append(lock)
