@@ -1,4 +1,5 @@
-"""The wheelhouse brings everything a node with only PyTorch and numpy needs (`make test-wheelhouse`).
+"""The wheelhouse brings everything a node with only PyTorch and numpy needs (`make test-wheelhouse`,
+run by hand: not in .ci/run, for CI time).
 
 Bug this catches: a GPU node where, after `make wheelhouse` and the README's install line,
 `snakemake` did not exist (the wheelhouse held the stages' libraries but not snakemake, its Slurm
