@@ -348,12 +348,12 @@ def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> 
 def keep_settings_components(base: Path, folder: Path) -> None:
     """Components without weights (feature extractor, tokenizer) as the base has them: a re-save can
     change them (transformers names its image processor's class after the backend it found)."""
-    from .models import pipeline_components
+    from .models import is_weights, pipeline_components
 
     index_path = folder / "model_index.json"
     index, base_index = read_json(index_path, "model index"), read_json(base / "model_index.json", "model index")
     for name in pipeline_components(base):
-        has_weights = any(f.suffix in (".safetensors", ".bin") for f in (base / name).iterdir())
+        has_weights = any(is_weights(f.name) for f in (base / name).iterdir())
         if name == "scheduler" or has_weights:
             continue
         shutil.rmtree(folder / name, ignore_errors=True)

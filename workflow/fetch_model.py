@@ -20,8 +20,8 @@ from .cli import run, stage_main
 from .config import Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
-from .models import (build_sd15_arch, build_tiny, check_model_dir, file_variant, is_weights, pipeline_components,
-                     preferred_variant)
+from .models import (build_sd15_arch, build_tiny, check_model_dir, file_variant, is_weights, listed_components,
+                     pipeline_components, preferred_variant)
 from .shards import iter_shard
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -53,9 +53,7 @@ def hub_files_to_fetch(files: list[str], index: dict) -> list[str]:
     one set of weights (plain safetensors, else plain .bin, else the fp16 variant), not the
     single-file checkpoints, non-EMA or ONNX copies beside them."""
     chosen = ["model_index.json"]
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
-            continue
+    for name in listed_components(index):
         inside = [f for f in files if f.startswith(f"{name}/") and f.count("/") == 1]
         weights = [f for f in inside if is_weights(f) and "non_ema" not in f]
         chosen += [f for f in inside if not is_weights(f)]

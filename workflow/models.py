@@ -35,7 +35,7 @@ def check_model_dir(path: str | Path) -> Path:
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def file_variant(name: str) -> str | None:
+def file_variant(name: str) -> str:
     """The variant a weights file name carries: `diffusion_pytorch_model.fp16.safetensors` -> "fp16",
     `model.fp16-00001-of-00002.safetensors` -> "fp16"; "" for plain weights."""
     stem = name.rsplit(".", 1)[0]
@@ -68,12 +68,17 @@ def pipeline_variant(model_dir: Path) -> str | None:
     return sorted(found)[0] if found else None
 
 
+def listed_components(index: dict) -> list[str]:
+    """The components a model_index.json lists (null entries, such as a removed safety checker, are
+    not components)."""
+    return [name for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None]
+
+
 def pipeline_components(model_dir: Path) -> list[str]:
-    """The component folders model_index.json lists (null entries, such as a removed safety
-    checker, are not components)."""
+    """The component folders model_index.json lists and the folder has."""
     index = json.loads((Path(model_dir) / "model_index.json").read_text())
-    return [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)
-            and entry[0] is not None and (Path(model_dir) / name).is_dir()]
+    return [name for name in listed_components(index) if (Path(model_dir) / name).is_dir()]
 
 
 def load_tokenizer(model_dir: Path):
