@@ -1,12 +1,17 @@
 # make install: .venv with the pinned dependencies and the project (idempotent)
 # make run:     install + run the pipeline on config.yaml
-# make test:    install + the test suite
+# make test:    install + the test suite (two workers; TEST_WORKERS=1 for one)
+# make test-e2e: the default run through Snakemake as the README shows it, and Snakemake killed mid-run
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 SNAKEMAKE_ARGS ?=
+# Two pytest workers (pytest-xdist): most of a test's time is one process starting (imports), so two
+# use both cores; tests that share a module's trained run stay on one worker (xdist_group).
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: test-slurm test-faults test-wheelhouse install run test dry-run clean
+.PHONY: test-slurm test-faults test-e2e test-wheelhouse install run test dry-run clean
 
 install: $(STAMP)
 
@@ -23,7 +28,11 @@ dry-run: install
 	$(VENV)/bin/snakemake -n $(SNAKEMAKE_ARGS)
 
 test: install
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# End to end through Snakemake, as the README shows: the default run (digit accuracy) and a kill.
+test-e2e: install
+	$(PYTEST) -m e2e $(PYTEST_ARGS)
 
 # The Slurm tests: they install Debian's slurm packages if missing and start a one-node cluster (root).
 test-slurm: install
@@ -31,7 +40,7 @@ test-slurm: install
 
 # Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs).
 test-faults: install
-	$(VENV)/bin/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
+	$(PYTEST) -m faults tests/faults $(PYTEST_ARGS)
 
 # The wheelhouse on a bare venv (torch + numpy only): every stage runs from it. Downloads from PyPI.
 test-wheelhouse: install

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny but real pipeline (digits -> builtin:tiny -> latents), built once."""
+"""Shared fixtures: a tiny but real pipeline (digits -> builtin:tiny -> latents), built once per
+test session and shared by the test workers (`make test` runs two: pytest-xdist)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
-from workflow.config import Config, load_config
+from workflow.config import STAGE_KEYS, Config, load_config, stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,13 +38,38 @@ def tiny_config(*extra: str) -> Config:
     return load_config(REPO / "config.yaml", TINY_OVERRIDES + list(extra))
 
 
+def stage_argv(stage: str, cfg: Config, *args: str) -> list[str]:
+    """`python -m workflow.<stage>` exactly as the rules call it: with only the config sections the
+    stage reads (rules/common.smk's stage_cfg), so a key missing from STAGE_KEYS fails here too."""
+    sections = stage_config(cfg, stage) if stage in STAGE_KEYS else cfg.model_dump(mode="json")
+    return [sys.executable, "-m", f"workflow.{stage}", "--config", json.dumps(sections, sort_keys=True), *args]
+
+
 def run_stage(stage: str, cfg: Config, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m workflow.<stage>` exactly as the rules call it."""
-    cmd = [sys.executable, "-m", f"workflow.{stage}", "--config", json.dumps(cfg.model_dump(mode="json")), *args]
+    cmd = stage_argv(stage, cfg, *args)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=stage_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"{stage} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """`proc`'s output (a pipe) until `text` appears. Fails, with the output so far, at the deadline
+    or when the process exits first; never blocks past the deadline on a silent process."""
+    import selectors
+    import time
+
+    out, deadline = b"", time.time() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while text.encode() not in out:
+            left = deadline - time.time()
+            assert left > 0, f"no {text!r} after {timeout} s:\n{out.decode(errors='replace')[-3000:]}"
+            if sel.select(min(left, 1.0)):
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                assert chunk or proc.poll() is None, f"exited {proc.wait()} before {text!r}:\n{out.decode(errors='replace')[-3000:]}"
+                out += chunk
+    return out.decode(errors="replace")
 
 
 def stage_env() -> dict[str, str]:
@@ -51,48 +79,127 @@ def stage_env() -> dict[str, str]:
     return env
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder made once per test session by `build(folder)` and read by every worker (under
+    xdist, the first worker to ask builds it; the others wait on the lock). Tests that write
+    copy it first."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, shared by the workers' pytest-N/popen-gwK/
+    folder, done = base / f"shared-{name}", base / f"shared-{name}.done"
+    with FileLock(str(base / f"shared-{name}.lock")):
+        if not done.exists():
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> dict[str, Path]:
     """prepare -> fetch_model -> cache on the tiny config, shared by the stage tests."""
-    root = tmp_path_factory.mktemp("built")
-    cfg = tiny_config()
-    paths = {"data": root / "data", "model": root / "model", "latents": root / "latents", "root": root}
-    run_stage("prepare", cfg, "--out", str(paths["data"]))
-    run_stage("fetch_model", cfg, "--data", str(paths["data"]), "--out", str(paths["model"]))
-    run_stage("cache", cfg, "--data", str(paths["data"]), "--model", str(paths["model"]), "--out", str(paths["latents"]))
-    return paths
+    def build(root: Path) -> None:
+        cfg = tiny_config()
+        run_stage("prepare", cfg, "--out", str(root / "data"))
+        run_stage("fetch_model", cfg, "--data", str(root / "data"), "--out", str(root / "model"))
+        run_stage("cache", cfg, "--data", str(root / "data"), "--model", str(root / "model"), "--out",
+                  str(root / "latents"))
+
+    root = shared_once(tmp_path_factory, "built", build)
+    return {"data": root / "data", "model": root / "model", "latents": root / "latents", "root": root}
+
+
+def train_args(built, run_dir: Path, latents: Path | None = None) -> list[str]:
+    return ["--latents", str(latents or built["latents"]), "--model", str(built["model"]), "--data", str(built["data"]),
+            "--run-dir", str(run_dir)]
+
+
+def train(built, run_dir: Path, *overrides: str, check: bool = True, latents: Path | None = None):
+    return run_stage("train", tiny_config(*overrides), *train_args(built, run_dir, latents), check=check)
+
+
+def merge(built, run_dir: Path, *overrides: str, out: Path | None = None) -> dict:
+    out = out or run_dir / "model"
+    run_stage("ema", tiny_config(*overrides), "--model", str(built["model"]), "--run-dir", str(run_dir), "--out", str(out))
+    return json.loads((out / "merge.json").read_text())
+
+
+# The tiny config's own run (2 ranks, fp32, 4 steps, checkpoints at 2 and 4), keeping step 2 only
+# because sample.checkpoints names it.
+SHARED_RUN = ["train.keep_checkpoints=1", "sample.checkpoints=[2, last]"]
+
+
+@pytest.fixture(scope="session")
+def zero_runs(built, tmp_path_factory) -> dict[int, Path]:
+    """SHARED_RUN under ZeRO 0, 1, 2 and 3 (the same data, the same fp32 arithmetic up to
+    summation order); 0 and 3 merged into <run>/model. Read-only: tests that write copy."""
+    def build(root: Path) -> None:
+        for zero in (0, 1, 2, 3):
+            train(built, root / f"z{zero}", *SHARED_RUN, f"train.zero_stage={zero}")
+        for zero in (0, 3):
+            merge(built, root / f"z{zero}", *SHARED_RUN, f"train.zero_stage={zero}")
+
+    root = shared_once(tmp_path_factory, "zero-runs", build)
+    return {zero: root / f"z{zero}" for zero in (0, 1, 2, 3)}
 
 
 # ---------------------------------------------------------------- fault ledger (tests/faults)
-# Every fault test records what it injected and whether anything was lost; the session ends by
-# printing the totals.
+# Every fault test records what it injected, whether every check after it passed, and the data
+# lost where that is measured (tensors that differ from an uninterrupted run); the session ends by
+# printing the rows and totals. A row is "survived" only if the test's checks all passed.
 
 
 @dataclass
+class FaultRow:
+    fault: str
+    survived: bool = False
+    data_lost: int | None = None  # None: not a fault that can lose trained data
+
+
 class Ledger:
-    rows: list[tuple[str, bool, int]] = field(default_factory=list)
+    """Rows go to a file the controlling pytest process names (workers are other processes)."""
 
-    def record(self, fault: str, survived: bool, data_lost: int = 0) -> None:
-        self.rows.append((fault, survived, data_lost))
+    def __init__(self, path: Path):
+        self.path = path
+
+    @contextmanager
+    def fault(self, name: str):
+        row = FaultRow(name)
+        try:
+            yield row  # the test sets row.data_lost from what it measured
+            row.survived = True  # reached only when no check in the block failed
+        finally:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row.__dict__) + "\n")
 
 
-LEDGER = Ledger()
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="fault-ledger-", suffix=".jsonl")
+        os.close(fd)
+        os.environ["FAULT_LEDGER"] = path
 
 
 @pytest.fixture
 def ledger() -> Ledger:
-    return LEDGER
+    return Ledger(Path(os.environ["FAULT_LEDGER"]))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not LEDGER.rows:
+    if hasattr(terminalreporter.config, "workerinput"):
+        return
+    path = Path(os.environ.get("FAULT_LEDGER", "/nonexistent"))
+    rows = [FaultRow(**json.loads(line)) for line in path.read_text().splitlines()] if path.is_file() else []
+    path.unlink(missing_ok=True)
+    if not rows:
         return
     write = terminalreporter.write_line
     write("")
-    write("fault injection: fault | survived | data lost")
-    for fault, survived, lost in LEDGER.rows:
-        write(f"  {fault} | {'yes' if survived else 'NO'} | {lost}")
-    injected = len(LEDGER.rows)
-    survived = sum(1 for _, ok, _ in LEDGER.rows if ok)
-    lost = sum(n for _, _, n in LEDGER.rows)
-    write(f"faults injected: {injected}, survived: {survived}, data lost: {lost}")
+    write("fault injection: fault | survived | data lost (tensors)")
+    for row in rows:
+        write(f"  {row.fault} | {'yes' if row.survived else 'NO'} | {'-' if row.data_lost is None else row.data_lost}")
+    survived = sum(row.survived for row in rows)
+    measured = [row.data_lost for row in rows if row.data_lost is not None]
+    write(f"faults injected: {len(rows)}, survived: {survived}, data lost: {sum(measured)} "
+          f"(measured for {len(measured)})")

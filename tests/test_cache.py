@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from workflow.latents import LatentStream
 from workflow.shards import iter_shard, npy_load
 
-from conftest import REPO, run_stage, stage_env, tiny_config
+from conftest import REPO, run_stage, stage_argv, stage_env, tiny_config
 
 
 def cache_args(built, out):
@@ -52,14 +51,15 @@ def test_two_processes_give_the_same_shards(built, tmp_path):
 
 def test_killed_cache_reruns_to_the_same_content(built, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "workflow.cache", "--config", json.dumps(tiny_config().model_dump(mode="json")),
-           *cache_args(built, out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(stage_argv("cache", tiny_config(), *cache_args(built, out)), cwd=REPO, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "shard-000000.tar.json").exists() and time.time() < deadline:
+    while not (out / "shard-000000.tar.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the cache stage ended (or stalled) before its first shard"
         time.sleep(0.05)
     proc.kill()  # SIGKILL after the first shard, mid-way through the second
     proc.wait()
+    assert proc.returncode == -9, "the kill did not land: caching had finished"
     assert not (out / "manifest.json").exists()
     run_stage("cache", tiny_config(), *cache_args(built, out))
     manifest = json.loads((out / "manifest.json").read_text())

@@ -38,6 +38,7 @@ ELSEWHERE = {
     "make install": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test": ".ci/run (the suite itself; test_ci_runs_the_documented_test_commands)",
     "make test-faults": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "make test-e2e": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-slurm": ".ci/run (test_ci_runs_the_documented_test_commands)",
     # Not in .ci/run (CI time, issue 19): downloads ~420 MB and runs the workflow from a bare venv.
     "make test-wheelhouse": "by hand: tests/test_wheelhouse.py (2 passed, 8 min 23 s, this session)",
@@ -75,7 +76,7 @@ def test_every_documented_command_is_run_by_a_test():
 def test_ci_runs_the_documented_test_commands():
     ci = (REPO / ".ci" / "run").read_text()
     lines = [line.split(" PYTEST_ARGS=")[0] for line in ci.splitlines()]
-    for target in ("install", "test", "test-faults", "test-slurm"):
+    for target in ("install", "test", "test-e2e", "test-faults", "test-slurm"):
         assert f"make {target}" in lines, f"make {target} not in .ci/run"
 
 
@@ -266,7 +267,7 @@ def test_venv_setup_lines(tmp_path):
 # ---------------------------------------------------------------- the default run, for real
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @runs("make run", "snakemake --cores all", "snakemake --report report.html", "snakemake --cores all --forcerun train",
       "python -m workflow.train --config config.yaml --set train.steps=50 --latents results/latents/digits/tiny-digits_32px "
       "--data results/data/digits --model resources/models/tiny-digits --run-dir results/runs/digits-tiny")
@@ -344,6 +345,7 @@ def tiny_repo(tmp_path) -> Path:
     return repo
 
 
+@pytest.mark.e2e
 @runs("snakemake --unlock", "snakemake --cores all --config ema__target_sigma_rel=0.08 --forcerun ema")
 def test_snakemake_killed_mid_train_then_unlock_and_rerun(tiny_repo, tmp_path):
     """SIGKILL to Snakemake alone (as `kill -9 <pid>`): training sees its parent go, saves and stops;

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_stage, stage_env, tiny_config
+from conftest import REPO, SHARED_RUN, read_until, stage_argv, stage_env, tiny_config, train, train_args
 
 from workflow.config import ConfigError
 from workflow.distributed import EXIT_PREEMPTED
@@ -27,20 +28,8 @@ from workflow.shards import AtomicTar, iter_shard, npy_bytes, npy_load
 from workflow.train import EXIT_DIVERGED, min_snr_weights
 
 
-def train_args(built, run_dir: Path) -> list[str]:
-    return ["--latents", str(built["latents"]), "--model", str(built["model"]), "--data", str(built["data"]),
-            "--run-dir", str(run_dir)]
-
-
-def train(built, run_dir: Path, *overrides: str, check: bool = True, latents: Path | None = None):
-    args = train_args(built, run_dir)
-    if latents:
-        args[1] = str(latents)
-    return run_stage("train", tiny_config(*overrides), *args, check=check)
-
-
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records(run_dir)]
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -113,11 +102,65 @@ def test_min_snr_weights():
     assert v.tolist() == pytest.approx([5 / 1000, 0.5, 0.0], rel=1e-3)
 
 
+def test_loss_options_change_what_the_model_sees_and_the_loss(built):
+    """Each loss option does what its name says, on one fixed micro-batch (bugs caught: an option
+    read from the config but never applied, input perturbation also perturbing the target, the
+    min-SNR weights left out of the loss, caption dropout dropping nothing or everything)."""
+    from types import SimpleNamespace
+
+    from workflow.models import load_noise_scheduler
+    from workflow.train import diffusion_loss
+
+    scheduler = load_noise_scheduler(built["model"])
+    stream = LatentStream(built["latents"], seed=0)
+    batch = next(stream.batches(0, micro_batch=8))
+    batch.pop("position")
+    null_text = stream.null_text
+    seen = {}
+
+    def model(noisy, timesteps, encoder_hidden_states):  # predicts zeros: the loss is the target's size
+        seen.update(noisy=noisy, timesteps=timesteps, text=encoder_hidden_states)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    def run(*overrides: str) -> tuple[float, dict]:
+        cfg = tiny_config("train.prediction_type=epsilon", "train.caption_dropout=0", *overrides)
+        gen = torch.Generator().manual_seed(0)
+        loss = diffusion_loss(model, scheduler, batch, null_text, cfg, (0.5, 0.0), "epsilon", gen, torch.device("cpu"),
+                              torch.float32)
+        return float(loss), dict(seen)
+
+    plain, inputs = run()
+    is_null = (inputs["text"] == null_text).flatten(1).all(1)
+    assert not is_null.any()
+    assert run("train.caption_dropout=1.0")[1]["text"].eq(null_text).all()
+    half = run("train.caption_dropout=0.5")[1]["text"]
+    assert 0 < int((half == null_text).flatten(1).all(1).sum()) < 8  # a share of the captions, drawn per sample
+
+    offset, offset_inputs = run("train.noise_offset=0.5")
+    assert offset != pytest.approx(plain, rel=1e-3)  # the target (the noise) carries the offset
+    # The offset is one value per sample and channel: it spreads the channels' means apart.
+    def channel_mean_spread(noisy):
+        return float(noisy.mean(dim=(2, 3)).std())
+
+    assert channel_mean_spread(offset_inputs["noisy"]) > 1.5 * channel_mean_spread(inputs["noisy"])
+
+    perturbed, perturbed_inputs = run("train.input_perturbation=0.5")
+    assert not torch.allclose(perturbed_inputs["noisy"], inputs["noisy"])  # the input is perturbed
+    assert perturbed == pytest.approx(plain, rel=1e-6)  # the target is not
+
+    snr, snr_inputs = run("train.snr_gamma=5")
+    weights = min_snr_weights(scheduler.alphas_cumprod[inputs["timesteps"]], 5.0, "epsilon")
+    assert torch.equal(snr_inputs["timesteps"], inputs["timesteps"]) and not torch.all(weights == 1)
+    # Epsilon weights are min(snr, gamma) / snr <= 1: smaller where snr > gamma, 1 when gamma is never reached.
+    assert snr < plain * (1 - 1e-3)
+    assert run("train.snr_gamma=1e9")[0] == pytest.approx(plain, rel=1e-6)
+
+
 # ---------------------------------------------------------------- data split
 
 
 @pytest.mark.parametrize("world", [2, 3])  # 3 shards: 3 ranks divide them, 2 do not
-def test_ranks_get_disjoint_equal_streams(built, world):
+def test_ranks_get_disjoint_equal_streams(built, world, monkeypatch):
     count = LatentStream(built["latents"], seed=5).count
     streams = [LatentStream(built["latents"], seed=5, world_size=world, rank=r) for r in range(world)]
     per_rank = count // world
@@ -128,10 +171,21 @@ def test_ranks_get_disjoint_equal_streams(built, world):
     assert epochs[0][:per_rank] != epochs[0][per_rank:]  # reshuffled per epoch
     resumed = [s["meta"]["source_id"] for s in _take(streams[1].samples_from(per_rank - 3), 6)]
     assert resumed == epochs[1][per_rank - 3 : per_rank + 3]  # a position resumes exactly, across epochs
-    read = LatentStream(built["latents"], seed=5, world_size=world, rank=0)
-    _take(read.samples_from(0), per_rank)
-    # Each rank reads only the shards its block touches (here: not all three for 3 ranks).
-    assert world == 2 or read._loaded is not None
+    # Each rank reads only the shards its block touches: blocks are contiguous, so a shard is read by
+    # two ranks only at a block boundary (bug caught: every rank reading, verifying and decoding all).
+    import workflow.latents
+
+    reads: list[str] = []
+    real = workflow.latents.read_verified_shard
+    monkeypatch.setattr(workflow.latents, "read_verified_shard", lambda d, shard: reads.append(shard["name"]) or real(d, shard))
+    read_by_rank = []
+    for rank in range(world):
+        reads.clear()
+        _take(LatentStream(built["latents"], seed=5, world_size=world, rank=rank).samples_from(0), per_rank)
+        read_by_rank.append(set(reads))
+    shards = {s["name"] for s in json.loads((built["latents"] / "manifest.json").read_text())["shards"]}
+    assert set().union(*read_by_rank) == shards
+    assert sum(map(len, read_by_rank)) <= len(shards) + world - 1, read_by_rank
 
 
 def _take(it, n):
@@ -141,81 +195,113 @@ def _take(it, n):
 # ---------------------------------------------------------------- engine runs
 
 
-def test_zero_stages_agree_and_match_one_rank(built, tmp_path):
+@pytest.mark.xdist_group("zero_runs")
+def test_zero_stages_agree_and_match_one_rank(built, zero_runs, tmp_path):
     """2 ranks x 8 under ZeRO 0-3 (and 3 with CPU offload) see the same data and compute the same
-    fp32 losses; 1 rank x 16
-    (same global batch, its own data order) lands within noise of them. On that one rank,
+    fp32 losses; 1 rank x 16 (same global batch, its own data order) lands within noise of them,
+    with gradient norms of the same size (bug caught: gradients summed, not averaged, over ranks
+    or micro-batches: Adam hides the scale in the loss, the norm shows it). On that one rank,
     precision bf16-mixed (ZeRO-0: no all-reduce, foreach clipping) learns like fp32, with losses
     that differ from fp32's: the forward did run under autocast."""
-    steps = ["train.steps=6", "train.checkpoint_every=100"]
-    runs = {}
-    for zero in (0, 1, 2, 3):
-        train(built, tmp_path / f"z{zero}", *steps, f"train.zero_stage={zero}")
-        runs[zero] = losses(tmp_path / f"z{zero}")
-    train(built, tmp_path / "offload", *steps, "train.zero_stage=3", "train.offload_optimizer=cpu",
+    runs = {zero: losses(zero_runs[zero]) for zero in (0, 1, 2, 3)}
+    train(built, tmp_path / "offload", *SHARED_RUN, "train.zero_stage=3", "train.offload_optimizer=cpu",
           "train.offload_params=cpu")  # DeepSpeed's CPU Adam
     runs["3 + offload"] = losses(tmp_path / "offload")
     for zero in (1, 2, 3, "3 + offload"):
         assert runs[zero] == pytest.approx(runs[0], rel=1e-4), f"ZeRO-{zero} differs from ZeRO-0"
-    train(built, tmp_path / "one", *steps, "train.procs=1", "train.micro_batch=16")
+    one_rank = ["train.procs=1", "train.micro_batch=16", "train.checkpoint_every=4"]
+    train(built, tmp_path / "one", *one_rank)
     one = losses(tmp_path / "one")
     assert np.mean(one) == pytest.approx(np.mean(runs[0]), rel=0.1)
     assert one[-1] < one[0] and runs[0][-1] < runs[0][0]  # both learn
+    norms = {name: np.mean([r["grad_norm"] for r in records(run_dir)])
+             for name, run_dir in (("one", tmp_path / "one"), ("two", zero_runs[0]))}
+    assert norms["one"] == pytest.approx(norms["two"], rel=0.25), norms
 
-    train(built, tmp_path / "one-mixed", *steps, "train.procs=1", "train.micro_batch=16", "train.precision=bf16-mixed")
+    train(built, tmp_path / "one-mixed", *one_rank, "train.precision=bf16-mixed")
     mixed = losses(tmp_path / "one-mixed")
     assert mixed != one and mixed == pytest.approx(one, rel=0.05) and mixed[-1] < mixed[0]
     assert json.loads((tmp_path / "one-mixed" / "train.json").read_text())["precision"] == "bf16-mixed"
 
 
-def _kill_during(built, run_dir: Path, overrides: list[str], at_step: int) -> None:
-    """Start training and SIGKILL every process of it once the log shows `at_step`."""
-    cfg = tiny_config(*overrides)
-    cmd = [sys.executable, "-m", "workflow.train", "--config", json.dumps(cfg.model_dump(mode="json")),
-           *train_args(built, run_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
     log = run_dir / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and any(json.loads(line)["step"] >= at_step for line in log.read_text().splitlines()):
-            break
+    return [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    latest = run_dir / "checkpoints" / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+@dataclass
+class Kill:
+    """What a SIGKILL of a training run left: the exit status, the last step logged and the
+    checkpoint `latest` named when it landed."""
+    returncode: int
+    last_logged: int
+    latest: str | None
+
+    @property
+    def landed(self) -> bool:  # killed by the signal, not finished or failed on its own
+        return self.returncode == -signal.SIGKILL
+
+
+def kill_during(built, run_dir: Path, overrides: list[str], at_step: int, timeout: float = 300) -> Kill:
+    """Start training and SIGKILL every process of it once the log shows `at_step`. The log of an
+    earlier run in the same folder must end before `at_step` (its records past the checkpoint are
+    trimmed on resume), else the kill would land during start-up."""
+    assert max(logged_steps(run_dir), default=0) < at_step, f"the log already reaches step {at_step}"
+    proc = subprocess.Popen(stage_argv("train", tiny_config(*overrides), *train_args(built, run_dir)), cwd=REPO,
+                            env=stage_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while proc.poll() is None and max(logged_steps(run_dir), default=0) < at_step:
+        assert time.time() < deadline, f"training did not reach step {at_step} in {timeout} s"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    return Kill(proc.returncode, max(logged_steps(run_dir), default=0), latest_tag(run_dir))
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_killed_and_resumed_run_is_bitwise_identical(built, tmp_path, mode):
+    """Bugs caught: a resume that restores weights but not the optimizer, EMA, RNG or data position
+    (the weights then differ from an uninterrupted run's); and, since training is deterministic, a
+    rerun that silently starts afresh (resumed_from is 0)."""
     overrides = ["train.zero_stage=2", "train.steps=8", "train.checkpoint_every=3", f"train.mode={mode}",
                  "train.lora.dropout=0.1", "train.lr=3e-3"]
     train(built, tmp_path / "straight", *overrides)
-    kill_at = random.Random().randint(2, 7)
-    _kill_during(built, tmp_path / "killed", overrides, kill_at)
+    kill_at = random.Random(mode).randint(4, 7)  # after the step-3 checkpoint is complete (saved before step 4)
+    kill = kill_during(built, tmp_path / "killed", overrides, kill_at)
+    assert kill.landed and kill.latest in ("step00000003", "step00000006"), kill
+    assert not (tmp_path / "killed" / "train.json").exists()
     proc = train(built, tmp_path / "killed", *overrides)
-    if kill_at > 3:  # killed at step 3 itself, the step-3 checkpoint may not have been complete yet
-        assert "resumed from step" in proc.stdout, proc.stdout[-1000:]
+    resumed_from = json.loads((tmp_path / "killed" / "train.json").read_text())["resumed_from"]
+    assert resumed_from == int(kill.latest[4:]) and f"resumed from step {resumed_from}" in proc.stdout
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert straight.keys() == resumed.keys()
     if mode == "lora":
         assert all("lora_" in k for k in straight)  # only the adapters are trained (and checkpointed)
     different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    assert not different, f"killed at step {kill_at}: {len(different)} tensors differ, e.g. {different[:3]}"
-    assert [json.loads(x)["step"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()] == list(range(1, 9))
+    assert not different, f"killed at step {kill.last_logged}: {len(different)} tensors differ, e.g. {different[:3]}"
+    assert logged_steps(tmp_path / "killed") == list(range(1, 9))
 
 
 @pytest.mark.parametrize("signum, whom", [(signal.SIGTERM, "every process"), (signal.SIGUSR1, "the launcher")])
 def test_stop_signal_saves_and_exits_with_its_code(built, tmp_path, signum, whom):
     run_dir = tmp_path / "run"
     overrides = ["train.steps=400", "train.checkpoint_every=1000"]
-    cfg = tiny_config(*overrides)
-    cmd = [sys.executable, "-m", "workflow.train", "--config", json.dumps(cfg.model_dump(mode="json")),
-           *train_args(built, run_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    log = run_dir / "log.jsonl"
-    while not (log.is_file() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None, proc.stdout.read()
+    proc = subprocess.Popen(stage_argv("train", tiny_config(*overrides), *train_args(built, run_dir)), cwd=REPO,
+                            env=stage_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while len(logged_steps(run_dir)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
         time.sleep(0.05)
     if whom == "every process":
         os.killpg(proc.pid, signum)  # what Slurm does with --signal
@@ -226,9 +312,11 @@ def test_stop_signal_saves_and_exits_with_its_code(built, tmp_path, signum, whom
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     stopped_at = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())["step"]
     assert 2 <= stopped_at < 400 and f"checkpoint saved at step {stopped_at}" in out
+    # A rerun with more steps extends the run from its checkpoint (it used to be a test of its own).
     rerun = train(built, run_dir, "train.steps=" + str(stopped_at + 2), "train.checkpoint_every=1000")
-    assert f"resumed from step {stopped_at}" in rerun.stdout
-    assert json.loads((run_dir / "train.json").read_text())["final_step"] == stopped_at + 2
+    result = json.loads((run_dir / "train.json").read_text())
+    assert f"resumed from step {stopped_at}" in rerun.stdout and result["resumed_from"] == stopped_at
+    assert result["final_step"] == stopped_at + 2 and logged_steps(run_dir) == list(range(1, stopped_at + 3))
 
 
 def test_a_second_training_waits_for_the_one_still_writing_the_run(built, tmp_path):
@@ -244,16 +332,10 @@ def test_a_second_training_waits_for_the_one_still_writing_the_run(built, tmp_pa
     fcntl.flock(holder, fcntl.LOCK_EX)
     holder.write("4242\n")
     holder.flush()
-    cfg = tiny_config("train.steps=2", "train.procs=1")
-    cmd = [sys.executable, "-m", "workflow.train", "--config", json.dumps(cfg.model_dump(mode="json")),
-           *train_args(built, run_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(stage_argv("train", tiny_config("train.steps=2", "train.procs=1"), *train_args(built, run_dir)),
+                            cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        waiting = ""
-        deadline = time.time() + 120
-        while "waiting for it to finish" not in waiting:
-            assert proc.poll() is None and time.time() < deadline, waiting + (proc.stdout.read() or "")
-            waiting += proc.stdout.readline()
+        waiting = read_until(proc, "waiting for it to finish", timeout=120)
         assert "pid 4242" in waiting
         time.sleep(2)
         assert proc.poll() is None and not (run_dir / "checkpoints").exists() and not (run_dir / "log.jsonl").exists()
@@ -302,20 +384,29 @@ def test_non_finite_losses_are_skipped_then_stop_training(built, tmp_path):
 
 
 def test_changed_settings_are_named_and_resume_never_starts_fresh(built, tmp_path):
+    """Bugs caught: a resume under changed settings (silently mixing two trainings), and
+    resume=never resuming anyway or leaving the old checkpoints to be resumed later. One rank: the
+    checks run before any rank starts."""
     run_dir = tmp_path / "run"
-    train(built, run_dir, "train.steps=2")
-    proc = train(built, run_dir, "train.steps=3", "train.lr=0.5", "train.snr_gamma=5", check=False)
+    one_rank = ["train.procs=1", "train.checkpoint_every=1", "train.keep_checkpoints=3"]
+    train(built, run_dir, *one_rank, "train.steps=3")
+    proc = train(built, run_dir, *one_rank, "train.steps=4", "train.lr=0.5", "train.snr_gamma=5", check=False)
     assert proc.returncode == 2
     assert "train.lr: 0.001 -> 0.5" in proc.stderr and "train.snr_gamma: None -> 5.0" in proc.stderr
-    fresh = train(built, run_dir, "train.steps=3", "train.lr=0.5", "train.resume=never")
+    assert latest_tag(run_dir) == "step00000003"  # refused before anything was touched
+    assert json.loads((run_dir / "train.json").read_text())["final_step"] == 3
+    fresh = train(built, run_dir, *one_rank, "train.steps=2", "train.lr=0.5", "train.resume=never")
     assert "resumed" not in fresh.stdout
     assert json.loads((run_dir / "train.json").read_text())["resumed_from"] == 0
+    # The old run's checkpoints are gone, not kept beside the new ones (step 3 would be "latest" later).
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000001", "step00000002"]
 
 
 def test_options_train_and_log(built, tmp_path):
     """LoRA, bf16, grad accumulation, loss options, checkpointing and W&B offline in one run."""
     run_dir = tmp_path / "run"
-    train(built, run_dir, "train.mode=lora", "train.lora.rank=4", "train.precision=bf16", "train.zero_stage=1",
+    train(built, run_dir, "train.procs=1", "train.mode=lora", "train.lora.rank=4", "train.precision=bf16",
+          "train.zero_stage=1",
           "train.grad_accum=2", "train.snr_gamma=5", "train.noise_offset=0.05", "train.input_perturbation=0.1",
           "train.prediction_type=epsilon", "train.gradient_checkpointing=true", "train.lr_schedule=cosine",
           "train.keep_checkpoints=1", "train.wandb.enabled=true", "train.profile_at=1")
@@ -327,7 +418,8 @@ def test_options_train_and_log(built, tmp_path):
     assert (run_dir / "monitor" / "train" / "Train_loss.csv").is_file()
     assert list((run_dir / "monitor" / "wandb").glob("offline-run-*"))
     result = json.loads((run_dir / "train.json").read_text())
-    assert result["mode"] == "lora" and result["prediction_type"] == "epsilon"
+    assert result["prediction_type"] == "epsilon"  # the override beat the model's own v_prediction
+    assert all("lora_" in k for k in final_weights(run_dir))  # only adapters trained and checkpointed
     assert result["peak_gpu_allocated_gb"] is None  # no GPU here
     profile = json.loads((run_dir / "profile" / "summary.json").read_text())  # steps 2-4 profiled
     assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0 and profile["top_host"]
