@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 SNAKEMAKE_ARGS ?=
-# Two pytest workers (pytest-xdist): most of a test's time is one process starting (imports), so two
-# use both cores; tests that share a module's trained run stay on one worker (xdist_group).
+# Two pytest workers (pytest-xdist) for make test: most of a test's time is one process starting
+# (imports), so two use both cores; tests that read the shared ZeRO runs stay on one worker
+# (xdist_group). The e2e and fault suites are mostly 2-rank trainings that already use both cores.
 TEST_WORKERS ?= 2
 PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
@@ -31,8 +32,9 @@ test: install
 	$(PYTEST) $(PYTEST_ARGS)
 
 # End to end through Snakemake, as the README shows: the default run (digit accuracy) and a kill.
+# One worker: each test trains on both cores; side by side they took 24 min, one after the other ~20.
 test-e2e: install
-	$(PYTEST) -m e2e $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m e2e $(PYTEST_ARGS)
 
 # The Slurm tests: they install Debian's slurm packages if missing and start a one-node cluster (root).
 test-slurm: install
@@ -40,7 +42,7 @@ test-slurm: install
 
 # Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs).
 test-faults: install
-	$(PYTEST) -m faults tests/faults $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 # The wheelhouse on a bare venv (torch + numpy only): every stage runs from it. Downloads from PyPI.
 test-wheelhouse: install

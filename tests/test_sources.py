@@ -62,7 +62,7 @@ def test_imagefolder_custom_caption_column(tmp_path):
 
 
 def write_parquet_dataset(folder, rows):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a pinned dependency: missing is a failure, not a skip
     folder.mkdir(parents=True)
     ds = datasets.Dataset.from_dict(
         {"img": [{"bytes": r[0], "path": None} for r in rows], "blip": [r[1] for r in rows], "n": list(range(len(rows)))},
