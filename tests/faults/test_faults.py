@@ -76,9 +76,8 @@ def test_sigkill_during_a_checkpoint_save(built, tmp_path, straight, ledger):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
     with ledger.fault("SIGKILL during a checkpoint save") as row:
-        proc = subprocess.Popen(stage_argv("train", tiny_config(*RESUME), "--latents", str(built["latents"]), "--model",
-                                           str(built["model"]), "--data", str(built["data"]), "--run-dir", str(run_dir)),
-                                cwd=REPO, env=stage_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(stage_argv("train", tiny_config(*RESUME), *train_args(built, run_dir)), cwd=REPO,
+                                env=stage_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         partial, deadline = None, time.time() + 300
         while proc.poll() is None and partial is None and time.time() < deadline:
