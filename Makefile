@@ -1,16 +1,17 @@
 # make install: .venv with the pinned dependencies and the project (idempotent)
 # make run:     install + run the pipeline on config.yaml
 # make test:    install + the test suite (two workers; TEST_WORKERS=1 for one)
-# make test-e2e: the default run through Snakemake as the README shows it, and Snakemake killed mid-run
+# make test-e2e: the default run through Snakemake as the README shows it, Snakemake killed mid-run, SD 1.5 layouts
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 SNAKEMAKE_ARGS ?=
 # Two pytest workers (pytest-xdist) for make test: most of a test's time is one process starting
-# (imports), so two use both cores; tests that read the shared ZeRO runs stay on one worker
-# (xdist_group). The e2e and fault suites are mostly 2-rank trainings that already use both cores.
+# (imports), so two use both cores; worksteal rebalances the tests' very uneven durations. Shared
+# runs are built once by whichever worker asks first (conftest.shared_once). The e2e and fault
+# suites are mostly 2-rank trainings that already use both cores: one worker.
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: test-slurm test-faults test-e2e test-wheelhouse install run test dry-run clean
 
@@ -31,7 +32,8 @@ dry-run: install
 test: install
 	$(PYTEST) $(PYTEST_ARGS)
 
-# End to end through Snakemake, as the README shows: the default run (digit accuracy) and a kill.
+# End to end: the default run through Snakemake as the README shows it (digit accuracy), Snakemake
+# killed mid-run, and SD 1.5 repo layouts through every stage.
 # One worker: each test trains on both cores; side by side they took 24 min, one after the other ~20.
 test-e2e: install
 	$(VENV)/bin/python -m pytest -m e2e $(PYTEST_ARGS)

@@ -28,6 +28,7 @@ TINY_OVERRIDES = [
     "train.checkpoint_every=2",
     "train.log_every=1",
     "train.warmup_steps=2",
+    "train.lr=1e-3",  # the tests' tolerances were set at this rate (the shipped default is for 300 steps)
     "sample.prompts=['a handwritten digit 3', 'a handwritten digit 7']",
     "sample.seeds=[0, 1]",
     "sample.steps=2",
@@ -140,6 +141,21 @@ def zero_runs(built, tmp_path_factory) -> dict[int, Path]:
 
     root = shared_once(tmp_path_factory, "zero-runs", build)
     return {zero: root / f"z{zero}" for zero in (0, 1, 2, 3)}
+
+
+# A 2-rank LoRA run (ZeRO-2, adapter dropout, alpha != rank) merged with its fused model: the
+# uninterrupted reference of the kill-and-resume test and the run the LoRA export test loads.
+LORA_RUN = ["train.mode=lora", "train.zero_stage=2", "train.steps=8", "train.checkpoint_every=3", "train.lora.rank=4",
+            "train.lora.alpha=8", "train.lora.dropout=0.1", "train.lr=5e-2", "ema.use=false", "ema.fuse_lora=true"]
+
+
+@pytest.fixture(scope="session")
+def lora_run(built, tmp_path_factory) -> Path:
+    def build(run_dir: Path) -> None:
+        train(built, run_dir, *LORA_RUN)
+        merge(built, run_dir, *LORA_RUN)
+
+    return shared_once(tmp_path_factory, "lora-run", build)
 
 
 # ---------------------------------------------------------------- fault ledger (tests/faults)

@@ -23,6 +23,7 @@ FAKE_GPUS = [Path("/dev/fakegpu0"), Path("/dev/fakegpu1")]
 
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+HEADER = "# Written by tests/slurm_cluster.py"
 
 
 def available() -> str | None:
@@ -47,7 +48,7 @@ def install() -> None:
 
 
 def slurm_conf(host: str, cpus: int, mem_mb: int) -> str:
-    return f"""# Written by tests/slurm_cluster.py: a one-node test cluster.
+    return f"""{HEADER}: a one-node test cluster.
 ClusterName=dsdtest
 SlurmctldHost={host}
 AuthType=auth/munge
@@ -79,6 +80,8 @@ def start() -> None:
     why = available()
     if why:
         raise RuntimeError(why)
+    if CONF.exists() and not CONF.read_text().startswith(HEADER):
+        raise RuntimeError(f"{CONF} is not this script's (a real cluster's?): not overwriting it")
     stop()
     host = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 2
@@ -118,6 +121,11 @@ def stop() -> None:
         time.sleep(0.2)
     for d in ("/var/spool/slurmctld", "/var/spool/slurmd"):
         shutil.rmtree(d, ignore_errors=True)
+    # Without a controller, a slurm.conf left behind makes every `scontrol show config` (which the
+    # Snakemake Slurm plugin runs when it is imported, i.e. at every snakemake start) wait ~9 s.
+    if CONF.exists() and CONF.read_text().startswith(HEADER):
+        CONF.unlink()
+        GRES.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,13 @@
 
 import json
 import shutil
-import subprocess
-import time
 
 import numpy as np
 
 from workflow.latents import LatentStream
 from workflow.shards import iter_shard, npy_load
 
-from conftest import REPO, run_stage, stage_argv, stage_env, tiny_config
+from conftest import run_stage, tiny_config
 
 
 def cache_args(built, out):
@@ -46,27 +44,6 @@ def test_two_processes_give_the_same_shards(built, tmp_path):
     assert manifest["procs"] == 2 and manifest["count"] == 1797
     # On the CPU a process with 1 thread may sum a convolution in another order than one with 2
     # threads, which can move a value across an fp16 rounding boundary: allow one such rounding.
-    assert_same_content(built["latents"], out, fp16_ulps=1)
-
-
-def test_killed_cache_reruns_to_the_same_content(built, tmp_path):
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(stage_argv("cache", tiny_config(), *cache_args(built, out)), cwd=REPO, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "shard-000000.tar.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the cache stage ended (or stalled) before its first shard"
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL after the first shard, mid-way through the second
-    proc.wait()
-    assert proc.returncode == -9, "the kill did not land: caching had finished"
-    assert not (out / "manifest.json").exists()
-    run_stage("cache", tiny_config(), *cache_args(built, out))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["reused_shards"] >= 1
-    assert not list(out.glob("*.tmp-*")), "a half-written shard was left behind"
-    # Two CPU runs of the same encoder are not always bitwise equal here (seen once in CI: one std
-    # value one fp16 rounding apart), so the rerun shard is compared like the 2-process one.
     assert_same_content(built["latents"], out, fp16_ulps=1)
 
 

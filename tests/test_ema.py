@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_RUN, merge, tiny_config, train
+from conftest import LORA_RUN, SHARED_RUN, merge, tiny_config, train
 
 from workflow.ema import (checkpoint_unet, checksum, consolidate, gather_fragments, load_ema, load_rank_files,
                           reconstruct_posthoc, verify_against_engine)
@@ -21,7 +21,6 @@ def merged_unet(folder: Path) -> dict[str, torch.Tensor]:
     return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
 
 
-@pytest.mark.xdist_group("zero_runs")
 def test_zero3_export_is_complete_and_equals_zero0(built, zero_runs):
     """The same fp32 training under ZeRO-0 and 2-rank ZeRO-3 (params partitioned: no rank holds a
     full tensor) merges to the same model, and each merge checks itself against the engine."""
@@ -77,15 +76,15 @@ def test_merge_refuses_weights_that_differ_from_the_engine():
     assert torch.equal(gather_fragments([{"fragments": {"a": (4, flat[4:])}}, {"fragments": {"a": (0, flat[:4])}}])["a"], flat)
 
 
-def test_lora_file_reloads_and_changes_the_output(built, tmp_path):
+def test_lora_file_reloads_and_changes_the_output(built, lora_run):
+    """The exported LoRA loads with diffusers' load_lora_weights and predicts what the fused model
+    and the training checkpoint do. Bugs caught: a lost alpha (scale 2 here), and the training's
+    adapter dropout written into the file's metadata (diffusers then builds train-mode dropout
+    layers: every generation randomly perturbed)."""
     from diffusers import StableDiffusionPipeline
 
-    run_dir = tmp_path / "run"
-    overrides = ["train.mode=lora", "train.zero_stage=2", "train.steps=6", "train.lr=5e-2", "train.lora.rank=4",
-                 "train.lora.alpha=8", "ema.use=false", "ema.fuse_lora=true"]
-    train(built, run_dir, *overrides)
-    report = merge(built, run_dir, *overrides)
-    model = run_dir / "model"
+    report = json.loads((lora_run / "model" / "merge.json").read_text())
+    model = lora_run / "model"
     assert report["lora_file"] == "pytorch_lora_weights.safetensors" and report["fused"]
     assert (model / "pytorch_lora_weights.safetensors").is_file()
     assert (model / "lora_ema" / "pytorch_lora_weights.safetensors").is_file()
@@ -108,8 +107,7 @@ def test_lora_file_reloads_and_changes_the_output(built, tmp_path):
     # UNet call: through a sampling loop with guidance 7.5, float rounding of fused vs separate
     # adapters grows with the trained weights. On one call that rounding reached 1.6e-4 for some
     # inputs (fp32, lr 5e-2 adapters), hence 1e-3, on inputs of their own seed.
-    cfg = tiny_config(*overrides)
-    from_checkpoint = checkpoint_unet(cfg, built["model"], run_dir / "checkpoints", "step00000006")
+    from_checkpoint = checkpoint_unet(tiny_config(*LORA_RUN), built["model"], lora_run / "checkpoints", "step00000008")
     fused_unet = load_unet(model)
     gen = torch.Generator().manual_seed(0)
     x, t, text = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 16, 64, generator=gen)

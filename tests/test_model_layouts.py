@@ -19,6 +19,7 @@ from sd15_layout import sd15_layout
 from workflow.models import load_unet, load_vae, pipeline_variant, weights_variant
 
 
+@pytest.mark.e2e  # every stage, twice: make test-e2e
 @pytest.mark.parametrize("layout", [
     dict(safety="tiny", fp16="beside", bin_te=True),   # stable-diffusion-v1-5 as downloaded
     dict(safety="null", fp16="only", bin_te=True),     # a fine-tuned repo: fp16 files only, no checker

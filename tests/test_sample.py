@@ -33,35 +33,53 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-pytestmark = pytest.mark.xdist_group("zero_runs")
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler", "pndm"])
-def test_each_scheduler_samples_deterministically(built, trained, tmp_path, scheduler):
-    """Every image is a function of its prompt and seed alone. Bugs caught: noise drawn from a
-    shared or global generator (the repeated prompt then gives another image in the same batch),
-    results that depend on the batch size or batch neighbours (batch_size 1 differs), and a
-    negative prompt that never reaches guidance."""
+SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+                     "pndm": "PNDMScheduler"}
+
+
+def test_each_scheduler_samples_deterministically(built, trained, tmp_path):
+    """Every image is a function of its prompt and seed alone, for every scheduler. Bugs caught:
+    noise drawn from a shared or global generator (the repeated prompt then gives another image in
+    the same batch), results that depend on the batch size or batch neighbours (batch_size 1
+    differs), a negative prompt that never reaches guidance, and a stage whose images are not
+    reproducible: the stage, in its own process, gives bit for bit what `generate` gives here.
+    One stage run (the config reaching it); the schedulers' properties on one loaded pipeline."""
+    from workflow.sample import generate, load_pipeline, set_scheduler
+
     prompts = "sample.prompts=['a handwritten digit 3', 'a handwritten digit 7', 'a handwritten digit 3']"
-    opts = [f"sample.scheduler={scheduler}", "sample.negative_prompt='a handwritten digit 8'", "sample.steps=3", prompts]
-    sample(built, trained, tmp_path / "a", *opts)
-    sample(built, trained, tmp_path / "b", *opts, "sample.batch_size=1")
-    pngs = sorted((tmp_path / "a").glob("p*_s*.png"))
-    assert len(pngs) == 6
-    for seed in (0, 1):  # the repeated prompt, in one batch with the others
-        assert np.array_equal(pixels(tmp_path / "a" / f"p000_s{seed}.png"), pixels(tmp_path / "a" / f"p002_s{seed}.png"))
-    assert not np.array_equal(pixels(tmp_path / "a" / "p000_s0.png"), pixels(tmp_path / "a" / "p001_s0.png"))
-    for png in pngs:
-        # Another batch size: the same seeds and draws; batched kernels may round differently.
-        diff = np.abs(pixels(png).astype(int) - pixels(tmp_path / "b" / png.name).astype(int))
-        assert diff.max() <= 2, (png.name, diff.max())
-    if scheduler == "ddim":  # the negative prompt reaches guidance (run-to-run: test_sampling_is_deterministic)
-        sample(built, trained, tmp_path / "plain", *opts[:1], *opts[2:])
-        assert not np.array_equal(pixels(pngs[0]), pixels(tmp_path / "plain" / pngs[0].name))
-    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    opts = ["sample.negative_prompt='a handwritten digit 8'", "sample.steps=3", prompts]
+    stage_scheduler = "dpm++"
+    sample(built, trained, tmp_path / "stage", f"sample.scheduler={stage_scheduler}", *opts)
+    metrics = json.loads((tmp_path / "stage" / "metrics.json").read_text())
     assert metrics["images"] == 6 and metrics["negative_prompt"] == "a handwritten digit 8"
-    assert metrics["scheduler"].lower().startswith({"ddim": "ddim", "dpm++": "dpmsolver", "euler": "euler",
-                                                    "pndm": "pndm"}[scheduler])
+    assert metrics["scheduler"] == SCHEDULER_CLASSES[stage_scheduler]
+
+    cpu = torch.device("cpu")
+    pipe = load_pipeline(trained / "model", cpu)
+    model_scheduler = pipe.scheduler
+    jobs = [(pi, seed) for pi in range(3) for seed in (0, 1)]
+    for scheduler, name in SCHEDULER_CLASSES.items():
+        pipe.scheduler = model_scheduler  # each built from the model's own schedule, as the stage does
+        set_scheduler(pipe, scheduler)
+        assert type(pipe.scheduler).__name__ == name
+        cfg = tiny_config(f"sample.scheduler={scheduler}", *opts)
+        batched = {job: np.asarray(im) for job, im in generate(pipe, cfg, jobs, cpu).items()}
+        for seed in (0, 1):  # the repeated prompt, in one batch with the others
+            assert np.array_equal(batched[0, seed], batched[2, seed]), scheduler
+        assert not np.array_equal(batched[0, 0], batched[1, 0]) and not np.array_equal(batched[0, 0], batched[0, 1])
+        one_by_one = generate(pipe, tiny_config(f"sample.scheduler={scheduler}", *opts, "sample.batch_size=1"), jobs, cpu)
+        for job, image in one_by_one.items():
+            # Another batch size: the same seeds and draws; batched kernels may round differently.
+            diff = np.abs(np.asarray(image).astype(int) - batched[job].astype(int))
+            assert diff.max() <= 2, (scheduler, job, diff.max())
+        if scheduler == stage_scheduler:
+            for (pi, seed), image in batched.items():
+                assert np.array_equal(pixels(tmp_path / "stage" / f"p{pi:03d}_s{seed}.png"), image), (pi, seed)
+        if scheduler == "ddim":  # the negative prompt reaches guidance
+            plain = generate(pipe, tiny_config("sample.scheduler=ddim", *opts[1:]), jobs[:1], cpu)
+            assert not np.array_equal(np.asarray(plain[jobs[0]]), batched[jobs[0]])
 
 
 def test_grids_base_comparison_checkpoints_and_metrics(built, trained, tmp_path):

@@ -55,11 +55,12 @@ def edit_site_settings(workdir: Path, tmp_path: Path, retries: int = 1) -> None:
     path.write_text(yaml.safe_dump(profile))
 
 
-def snakemake(workdir: Path, *overrides: str, wait: bool = True):
-    """`snakemake --profile slurm --config ...` typed in the repo root."""
+def snakemake(workdir: Path, *overrides: str, wait: bool = True, until: str | None = None):
+    """`snakemake --profile slurm --config ...` typed in the repo root (`--until train`: the tests
+    of resuming stop there; the first test runs every stage as a job)."""
     config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in TINY_OVERRIDES + SLURM_OVERRIDES
                                                           + list(overrides))]
-    cmd = [SNAKEMAKE, "--profile", "slurm", "--config", *config]
+    cmd = [SNAKEMAKE, "--profile", "slurm", *(["--until", until] if until else []), "--config", *config]
     if not wait:
         return subprocess.Popen(cmd, cwd=workdir, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
@@ -104,7 +105,7 @@ def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_pat
     edit_site_settings(workdir, tmp_path)
     run = workdir / "results" / "runs" / "slurm-usr1"
     steps = ["run=slurm-usr1", "train.steps=40", "train.checkpoint_every=1000", "train.log_every=5"]
-    proc = snakemake(workdir, *steps, "sample.seeds=[0]", wait=False)
+    proc = snakemake(workdir, *steps, wait=False, until="train")
     job = wait_for(running_train_job, 600, "the train job")
     wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 2, 300,
              "training steps")
@@ -119,14 +120,14 @@ def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_pat
 def test_cancelled_job_is_resumed_by_the_next_run(cluster, workdir, tmp_path):
     edit_site_settings(workdir, tmp_path, retries=0)
     run = workdir / "results" / "runs" / "slurm-cancel"
-    steps = ["run=slurm-cancel", "train.steps=30", "train.checkpoint_every=5", "sample.seeds=[0]"]
-    proc = snakemake(workdir, *steps, wait=False)
+    steps = ["run=slurm-cancel", "train.steps=30", "train.checkpoint_every=5"]
+    proc = snakemake(workdir, *steps, wait=False, until="train")
     wait_for(lambda: checkpoint_step(run) >= 5, 900, "a checkpoint")
     subprocess.run(["scancel", "--user", "root"], check=True)
     proc.communicate(timeout=600)
     saved = checkpoint_step(run)
     assert saved >= 5 and not (run / "train.json").exists()
-    again = snakemake(workdir, *steps)
+    again = snakemake(workdir, *steps, until="train")
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] >= saved and result["final_step"] == 30

@@ -94,7 +94,6 @@ def digit_accuracy_of(folder) -> float:
     return float(np.mean(predicted == np.array(wanted)))
 
 
-@pytest.mark.xdist_group("zero_runs")
 @pytest.mark.parametrize("zero, precision", [(0, "fp32"), (2, "bf16"), (0, "bf16-mixed")])
 def test_two_rank_deepspeed_train_merge_sample(built, zero_runs, tmp_path, zero, precision):
     """Train with 2 ranks, merge, sample: the chain a user runs, per precision. ZeRO-0 fp32 is the
@@ -130,19 +129,6 @@ def test_two_rank_deepspeed_train_merge_sample(built, zero_runs, tmp_path, zero,
     assert len(list(samples.glob("p*_s*.png"))) == 4
     # The score is of the saved images against their prompts' digits (not of other images or labels).
     assert metrics["digit_accuracy"] == pytest.approx(digit_accuracy_of(samples))
-
-
-def test_sampling_is_deterministic(built, tmp_path):
-    from PIL import Image
-
-    cfg = tiny_config("sample.batch_size=3")
-    for name in ("a", "b"):
-        run_stage("sample", cfg, "--model", str(built["model"]), "--out", str(tmp_path / name))
-    pngs = sorted((tmp_path / "a").glob("p*_s*.png"))
-    assert [p.name for p in pngs] == ["p000_s0.png", "p000_s1.png", "p001_s0.png", "p001_s1.png"]
-    for png in pngs:
-        assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "b" / png.name)))
-    assert not np.array_equal(np.asarray(Image.open(pngs[0])), np.asarray(Image.open(pngs[1])))  # seeds differ
 
 
 def test_unreachable_hub_id_is_a_clear_error(tmp_path):

@@ -139,10 +139,10 @@ class WandbConfig(Section):
 class TrainConfig(Section):
     mode: Literal["full", "lora"] = Field("full", description="full: every UNet weight; lora: peft adapters only")
     lora: LoraConfig = LoraConfig()
-    steps: int = Field(700, ge=1, description="optimizer steps")
+    steps: int = Field(300, ge=1, description="optimizer steps")
     micro_batch: int = Field(32, ge=1, description="samples per rank per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after warm-up; linear/cosine decay to 0")
     warmup_steps: int = Field(50, ge=0, description="linear LR warm-up, in optimizer steps")
     weight_decay: float = Field(1e-2, ge=0)

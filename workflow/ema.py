@@ -385,6 +385,10 @@ def export_lora(cfg: Config, model_dir: Path, main: dict, other: dict, tmp: Path
     unet = add_lora(load_unet(model_dir), cfg.train.lora)
     metadata = unet.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: not JSON
+    # Adapter dropout is a training setting. diffusers' load_lora_weights builds the adapters from
+    # this metadata with dropout layers in training mode inside an eval-mode UNet, so a file that
+    # carried train.lora.dropout would generate with random adapter dropout.
+    metadata["lora_dropout"] = 0.0
 
     def save_adapter(weights: dict, folder: Path) -> None:
         load_adapters(unet, weights)
