@@ -228,8 +228,6 @@ def _full_filesystem_checks(built, tmp_path: Path, straight_run: Path, straight,
 
 def _poison_latents(built, dst: Path, source_ids: set[int]) -> None:
     """A copy of the latent cache whose samples `source_ids` have NaN latents."""
-    import shutil
-
     shutil.copytree(built["latents"], dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     for shard in manifest["shards"]:
