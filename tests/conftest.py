@@ -32,6 +32,7 @@ TINY_OVERRIDES = [
     "sample.prompts=['a handwritten digit 3', 'a handwritten digit 7']",
     "sample.seeds=[0, 1]",
     "sample.steps=2",
+    "sample.val_timesteps=2",  # 64 held-out samples x 2 timesteps per validated model (8 by default)
 ]
 
 

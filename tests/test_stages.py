@@ -86,11 +86,11 @@ def digit_accuracy_of(folder) -> float:
     the digit of its prompt (the tiny config's prompts: 3, 7), recomputed from the saved files."""
     from PIL import Image
 
-    from workflow.metrics import DigitClassifier
+    from workflow.metrics import digit_classifier
 
     pngs = sorted(folder.glob("p*_s*.png"))
     wanted = [(3, 7)[int(p.name[1:4])] for p in pngs]
-    predicted = DigitClassifier().predict([Image.open(p).convert("RGB") for p in pngs])
+    predicted = digit_classifier().predict([Image.open(p).convert("RGB") for p in pngs])
     return float(np.mean(predicted == np.array(wanted)))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -39,5 +41,25 @@ def exit_on_user_error(fn: Callable[[], Any]) -> Any:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Entry point wrapper: user errors exit 2 with one clear message."""
-    exit_on_user_error(main)
+    """Entry point wrapper: user errors exit 2 with one clear message; a stage that returned or
+    exited with a code (train's 75, a launcher passing on its ranks' code) ends at once."""
+    try:
+        exit_on_user_error(main)
+    except SystemExit as e:
+        if isinstance(e.code, int):
+            exit_now(e.code)
+        raise
+    exit_now(0)
+
+
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown, once every output is written and closed: with torch's
+    thread pools and diffusers loaded, the teardown took 2-4 s per stage process here (a 2-rank
+    training ~2 s after its last line; ema 13 -> 10 s, sample 21 -> 17 s, means of three runs)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()  # its offline run files are completed at exit
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

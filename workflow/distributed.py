@@ -186,6 +186,9 @@ def init_world() -> World:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) for this rank."""
     import deepspeed
 
+    from .build_ops import use_environment_ninja
+
+    use_environment_ninja()  # DeepSpeed may JIT-load its ops from here on (the shm op, CPU Adam)
     if "RANK" not in os.environ:  # a single process that no launcher started
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

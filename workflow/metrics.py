@@ -15,6 +15,7 @@ asked for. Images are compared at the digits' native 8x8, so any resolution work
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,13 @@ class DigitClassifier:
         return self.model.predict(digit_features(images))
 
 
+@cache
+def digit_classifier() -> DigitClassifier:
+    """One fitted classifier per process (the sample stage scores the fine-tuned and the base model's
+    images; each fit took ~1 s)."""
+    return DigitClassifier()
+
+
 def prompt_digit(prompt: str) -> int | None:
     m = DIGIT_PROMPT.search(prompt)
     return int(m.group(1)) if m else None
@@ -61,7 +69,7 @@ def digit_accuracy(images: list[Image.Image], prompts: list[str]) -> dict | None
     keep = [i for i, d in enumerate(wanted) if d is not None]
     if not keep:
         return None
-    clf = DigitClassifier()
+    clf = digit_classifier()
     predicted = clf.predict([images[i] for i in keep])
     correct = predicted == np.array([wanted[i] for i in keep])
     per_digit = {str(d): float(correct[[wanted[i] == d for i in keep]].mean()) for d in sorted({wanted[i] for i in keep})}
