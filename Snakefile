@@ -4,7 +4,7 @@
 #   snakemake --profile profiles/local   the same, with the local profile's settings
 #   snakemake --profile slurm            on a Slurm cluster (profiles/slurm)
 #   snakemake --report report.html       samples, curves, metrics and config in one HTML file
-# Stages: fetch_model, prepare -> cache -> train -> ema -> sample -> report_files (one rules/<stage>.smk each).
+# Stages: fetch_model, prepare -> cache -> train -> ema -> sample, export -> report_files (one rules/<stage>.smk each).
 
 from snakemake.utils import min_version
 
@@ -21,6 +21,7 @@ include: "rules/cache.smk"
 include: "rules/train.smk"
 include: "rules/ema.smk"
 include: "rules/sample.smk"
+include: "rules/export.smk"
 include: "rules/report.smk"
 
 
@@ -33,3 +34,4 @@ rule all:
         f"{RUN}/samples/grid.png",
         f"{RUN}/samples/metrics.json",
         f"{RUN}/report/training.png",
+        f"{RUN}/export",

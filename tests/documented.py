@@ -29,6 +29,8 @@ def documented_commands() -> dict[str, str]:
 
     def add(text: str, where: str) -> None:
         command = " ".join(text.split())
+        if command == "export":  # the stage's name, not the shell builtin (which takes NAME=value)
+            return
         if command.split(" ", 1)[0] in PROGRAMS:
             found.setdefault(command, where)
 

@@ -51,7 +51,7 @@ ELSEWHERE = {
         "test_bench_commands_on_a_gpu (needs CUDA; run on the lent H200)",
     "python bench/train.py --gpus 1,2,4 --no-baseline": "test_bench_commands_on_a_gpu (needs 4 GPUs)",
 }
-ALL_STAGES = {"prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files", "all"}
+ALL_STAGES = {"prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report_files", "all"}
 
 
 def runs(*commands: str):
@@ -238,7 +238,7 @@ def test_bad_config_values_stop_the_dry_run_naming_the_key(tmp_path, typed, key)
 @runs("python -m workflow.<stage> --help", "python -m workflow.train", "python -m workflow.wheelhouse")
 def test_stage_modules_by_hand(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    stages = ["prepare", "fetch_model", "cache", "train", "ema", "sample", "report"]
+    stages = ["prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report"]
     with ThreadPoolExecutor(2) as pool:
         helps = list(pool.map(lambda s: run_documented("python -m workflow.<stage> --help", repo,
                                                         replace={"<stage>": s}), stages))
@@ -299,6 +299,7 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert metrics["digit_accuracy"] >= 0.90, metrics
     assert (run / "model" / "model_index.json").is_file() and (repo / "logs/digits-tiny/train.log").is_file()
     assert (repo / "benchmarks/digits-tiny/train.tsv").is_file()
+    check_default_export(repo, run)
 
     report = run_documented("snakemake --report report.html", repo)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -310,15 +311,33 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert nothing.returncode == 0 and jobs(nothing) == set(), nothing.stdout
     steps = Config().train.steps
     changed = run_documented(f"snakemake -n --config train__steps={steps + 2}", repo)
-    assert jobs(changed) == {"train", "ema", "sample", "report_files", "all"}, changed.stdout
+    assert jobs(changed) == {"train", "ema", "sample", "export", "report_files", "all"}, changed.stdout
     merge_only = run_documented("snakemake -n --config ema__use=false", repo)
-    assert jobs(merge_only) == {"ema", "sample", "report_files", "all"}, merge_only.stdout
+    assert jobs(merge_only) == {"ema", "sample", "export", "report_files", "all"}, merge_only.stdout
+    export_only = run_documented("snakemake -n --config export__dtype=bf16", repo)
+    assert jobs(export_only) == {"export", "all"}, export_only.stdout
 
     forced = run_documented("snakemake --cores all --forcerun train", repo)
     assert forced.returncode == 0, forced.stderr[-5000:]
-    assert jobs(forced) == {"train", "ema", "sample", "report_files", "all"}
+    assert jobs(forced) == {"train", "ema", "sample", "export", "report_files", "all"}
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] == steps and result["final_step"] == steps  # resumed, not retrained
+
+
+def check_default_export(repo: Path, run: Path) -> None:
+    """What `make run` leaves in export/ (README: Using the model elsewhere) loads in diffusers'
+    single-file loader with the merged folder's weights (fp16-rounded)."""
+    from diffusers import StableDiffusionPipeline
+
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert set(report["files"]) == {"digits-tiny.safetensors", "digits-tiny.yaml"}, report
+    single = StableDiffusionPipeline.from_single_file(str(run / "export" / "digits-tiny.safetensors"),
+                                                      config=str(repo / "resources/models/tiny-digits"),
+                                                      torch_dtype=torch.float32, local_files_only=True)
+    merged = StableDiffusionPipeline.from_pretrained(run / "model", safety_checker=None, requires_safety_checker=False)
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = getattr(merged, name).state_dict(), getattr(single, name).state_dict()
+        assert set(got) == set(want) and all(torch.equal(want[k].half().float(), got[k]) for k in want), name
 
 
 # ---------------------------------------------------------------- Snakemake killed, then what the README says
@@ -394,7 +413,7 @@ def test_snakemake_killed_mid_train_then_unlock_and_rerun(tiny_repo, tmp_path):
 
     posthoc = run_documented("snakemake --cores all --config ema__target_sigma_rel=0.08 --forcerun ema", repo)
     assert posthoc.returncode == 0, posthoc.stderr[-4000:]
-    assert jobs(posthoc) == {"ema", "sample", "report_files", "all"}  # no retraining
+    assert jobs(posthoc) == {"ema", "sample", "export", "report_files", "all"}  # no retraining
     merge = json.loads((run / "model" / "merge.json").read_text())
     assert merge["posthoc"]["target_sigma_rel"] == 0.08, merge
 

@@ -237,6 +237,15 @@ class SampleConfig(Section):
     clip_model: str | None = Field(None, description="local CLIP model folder for a CLIP score; null: skipped")
 
 
+class ExportConfig(Section):
+    formats: list[Literal["checkpoint", "kohya_lora"]] = Field(
+        default_factory=lambda: ["checkpoint", "kohya_lora"],
+        description="files for A1111/ComfyUI/InvokeAI, each where it applies: checkpoint (the whole pipeline in the "
+                    "original single-file layout: full runs, fused LoRA runs), kohya_lora (LoRA runs); [] = none")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="weights dtype of the exported files")
+    title: str | None = Field(None, description="modelspec.title shown by the tools; null: the run name")
+
+
 class SlurmConfig(Section):
     """Resources the GPU rules ask for (used by `snakemake --profile profiles/slurm`; ignored locally
     except for the launch geometry). Partition, account and constraint are site settings: they live
@@ -262,6 +271,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     ema: EmaConfig = EmaConfig()
     sample: SampleConfig = SampleConfig()
+    export: ExportConfig = ExportConfig()
     slurm: SlurmConfig = SlurmConfig()
 
     @field_validator("run")
@@ -316,6 +326,7 @@ STAGE_KEYS: dict[str, list[str]] = {
               "sample.checkpoints"],  # kept from pruning
     "ema": ["run", "data", "model", "cache", "train", "ema"],
     "sample": ["run", "data", "model", "cache", "train", "ema", "sample"],
+    "export": ["run", "data", "model", "cache", "train", "ema", "export"],
 }
 
 

@@ -1,0 +1,71 @@
+"""What differs between Stable Diffusion model families, read from a diffusers model folder.
+
+One place knows the families; stages ask `family_of(model_dir)` and read the answer's fields rather
+than branching on family names. The family comes from the folder itself (model_index.json, the UNet's
+and text encoder's configs), never from a flag the user must keep in sync.
+
+| family | text encoder(s) | original (single-file) layout |
+|---|---|---|
+| sd1  | CLIP ViT-L (HF layout, `quick_gelu`) | CompVis ldm: `cond_stage_model.transformer.` |
+| sd2  | OpenCLIP ViT-H (`gelu`), penultimate layer | Stability stablediffusion: `cond_stage_model.model.` (OpenCLIP layout) |
+| sdxl | CLIP ViT-L + OpenCLIP ViT-bigG | Stability sgm: `conditioner.embedders.{0,1}.` |
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TextEncoderLayout:
+    folder: str  # the diffusers component: text_encoder, text_encoder_2
+    prefix: str  # its keys' prefix in the single file
+    openclip: bool  # OpenCLIP's layout (fused in_proj, resblocks) instead of the HF CLIP one
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # sd1 | sd2 | sdxl
+    modelspec: str  # ModelSpec architecture id stem (the "-768-v" variant is added for v-prediction SD 2.x)
+    implementation: str  # ModelSpec implementation of the single-file layout
+    text_encoders: tuple[TextEncoderLayout, ...]
+    kohya_unet_names: str  # "diffusers": lora_unet_down_blocks_...; "original": lora_unet_input_blocks_...
+    lora_version: str  # kohya's ss_base_model_version
+    ldm_target: str  # the original config's model class (written into the A1111 .yaml)
+
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+
+FAMILIES = {
+    "sd1": Family("sd1", "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion",
+                  (TextEncoderLayout("text_encoder", "cond_stage_model.transformer.", False),), "diffusers", "sd_v1",
+                  "ldm.models.diffusion.ddpm.LatentDiffusion"),
+    "sd2": Family("sd2", "stable-diffusion-v2", "https://github.com/Stability-AI/stablediffusion",
+                  (TextEncoderLayout("text_encoder", "cond_stage_model.model.", True),), "diffusers", "sd_v2",
+                  "ldm.models.diffusion.ddpm.LatentDiffusion"),
+    "sdxl": Family("sdxl", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models",
+                   (TextEncoderLayout("text_encoder", "conditioner.embedders.0.transformer.", False),
+                    TextEncoderLayout("text_encoder_2", "conditioner.embedders.1.model.", True)), "original", "sdxl_base_v1-0",
+                   "sgm.models.diffusion.DiffusionEngine"),
+}
+
+
+def _config(model_dir: Path, component: str) -> dict:
+    path = Path(model_dir) / component / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def family_of(model_dir: str | Path) -> Family:
+    """The family of a diffusers Stable Diffusion folder: SDXL if its UNet takes SDXL's added
+    text/time conditions (or a second text encoder is listed), SD 2.x if its text encoder is
+    OpenCLIP's (gelu activation), else SD 1.x."""
+    model_dir = Path(model_dir)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    if _config(model_dir, "unet").get("addition_embed_type") == "text_time" or "text_encoder_2" in index:
+        return FAMILIES["sdxl"]
+    if _config(model_dir, "text_encoder").get("hidden_act") == "gelu":
+        return FAMILIES["sd2"]
+    return FAMILIES["sd1"]
