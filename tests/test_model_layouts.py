@@ -16,7 +16,7 @@ import torch
 from conftest import run_stage, tiny_config
 from sd15_layout import sd15_layout
 
-from workflow.models import load_unet, load_vae, pipeline_variant, weights_variant
+from workflow.models import load_text_encoder, load_unet, load_vae, pipeline_variant, weights_variant
 
 
 @pytest.mark.e2e  # every stage, twice: make test-e2e
@@ -51,6 +51,11 @@ def test_sd15_layout_through_every_stage(built, tmp_path, layout):
     run_stage("sample", cfg, "--model", str(run_dir / "model"), "--base-model", str(model), "--latents", str(latents),
               "--run-dir", str(run_dir), "--out", str(run_dir / "samples"))
     assert json.loads((run_dir / "samples" / "metrics.json").read_text())["images"] == 4
+    run_stage("export", cfg, "--model", str(run_dir / "model"), "--base-model", str(model), "--run-dir", str(run_dir),
+              "--data", str(built["data"]), "--out", str(run_dir / "export"))
+    exported = json.loads((run_dir / "export" / "export.json").read_text())["files"]
+    weights = sum(len(load(run_dir / "model").state_dict()) for load in (load_unet, load_vae, load_text_encoder))
+    assert exported[f"{cfg.run}.safetensors"]["tensors"] == weights  # every UNet, VAE and text encoder weight
 
     # The merged model keeps what the base had, so from_pretrained treats both alike.
     index = {name: json.loads((folder / "model_index.json").read_text()) for name, folder in

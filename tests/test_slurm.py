@@ -92,13 +92,14 @@ def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_pa
     proc = snakemake(workdir)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     run = workdir / "results" / "runs" / "digits-tiny"
-    for rule in ("prepare", "fetch_model", "cache", "train", "ema", "sample", "report_files"):
+    for rule in ("prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report_files"):
         assert list((tmp_path / "slurm_logs" / f"rule_{rule}").rglob("*.log")), f"{rule} was not a Slurm job"
     result = json.loads((run / "train.json").read_text())
     assert result["world_size"] == 2 and result["final_step"] == 4
     log = (workdir / "logs" / "digits-tiny" / "train.log").read_text()
     assert "train: done at step 4" in log
     assert (run / "samples" / "metrics.json").is_file() and (run / "model" / "model_index.json").is_file()
+    assert (run / "export" / "digits-tiny.safetensors").is_file()
 
 
 def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_path):
