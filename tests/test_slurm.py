@@ -98,6 +98,8 @@ def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_pa
     assert result["world_size"] == 2 and result["final_step"] == 4
     log = (workdir / "logs" / "digits-tiny" / "train.log").read_text()
     assert "train: done at step 4" in log
+    # The ranks were srun tasks, not processes the stage's own launcher started (both give world_size 2).
+    assert all(f"train: rank {r} of 2 is srun task {r} of job" in log for r in (0, 1)), log[-3000:]
     assert (run / "samples" / "metrics.json").is_file() and (run / "model" / "model_index.json").is_file()
     assert (run / "export" / "digits-tiny.safetensors").is_file()
 

@@ -114,6 +114,13 @@ def test_two_rank_deepspeed_train_merge_sample(built, zero_runs, tmp_path, zero,
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
     assert list((run_dir / "monitor").rglob("*.csv")), "DeepSpeed CSV monitor wrote nothing"
+    # DeepSpeed's TensorBoard monitor: the logged losses, one event per step (README: Logs).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "monitor" / "train").glob("events.out.tfevents*"))))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("Train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log]
 
     pipe = StableDiffusionPipeline.from_pretrained(run_dir / "model", safety_checker=None, requires_safety_checker=False)
     assert (run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

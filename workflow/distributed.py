@@ -58,6 +58,9 @@ def launched() -> bool:
     """True in a rank: one this module started, or an srun task (see slurm_geometry)."""
     if os.environ.get("DSD_RANKS_FROM") == "slurm" and "RANK" not in os.environ:
         os.environ.update(slurm_geometry())
+        print(f"train: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} is srun task "
+              f"{os.environ['SLURM_PROCID']} of job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}",
+              file=sys.stderr, flush=True)
     return "RANK" in os.environ
 
 
