@@ -35,7 +35,7 @@ test: install
 
 # End to end: the default run through Snakemake as the README shows it (digit accuracy), Snakemake
 # killed mid-run, and SD 1.5 repo layouts through every stage.
-# One worker: each test trains on both cores; side by side they took 24 min, one after the other ~20.
+# One worker: each test trains on both cores.
 test-e2e: install
 	$(VENV)/bin/python -m pytest -m e2e $(PYTEST_ARGS)
 

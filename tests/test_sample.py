@@ -55,6 +55,7 @@ def test_each_scheduler_samples_deterministically(built, trained, tmp_path):
     metrics = json.loads((tmp_path / "stage" / "metrics.json").read_text())
     assert metrics["images"] == 6 and metrics["negative_prompt"] == "a handwritten digit 8"
     assert metrics["scheduler"] == SCHEDULER_CLASSES[stage_scheduler]
+    assert metrics["clip_score"] is None and "sample.clip_model" in metrics["clip_score_skipped"]
 
     cpu = torch.device("cpu")
     pipe = load_pipeline(trained / "model", cpu)
@@ -82,9 +83,29 @@ def test_each_scheduler_samples_deterministically(built, trained, tmp_path):
             assert not np.array_equal(np.asarray(plain[jobs[0]]), batched[jobs[0]])
 
 
+def tiny_clip(built, folder: Path) -> Path:
+    """A tiny local CLIP model (random weights) saved as a user's downloaded one would be."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(built["model"] / "tokenizer")
+    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def test_grids_base_comparison_checkpoints_and_metrics(built, trained, tmp_path):
+    """One sample run with every extra on: base comparison, checkpoint grid, a local CLIP model."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip = tiny_clip(built, tmp_path / "clip")
     out = tmp_path / "out"
-    sample(built, trained, out, "sample.compare_base=true", "sample.checkpoints=[2, last]", "sample.resolution=24")
+    sample(built, trained, out, "sample.compare_base=true", "sample.checkpoints=[2, last]", "sample.resolution=24",
+           f"sample.clip_model={clip}")
     cell = max(1, -(-MIN_CELL // 24)) * 24  # upscaled so small images can be seen
     grid = Image.open(out / "grid.png")
     assert grid.size == (200 + cell * 4, 20 + cell * 2)  # 2 prompts x (2 seeds fine-tuned + 2 base)
@@ -103,34 +124,17 @@ def test_grids_base_comparison_checkpoints_and_metrics(built, trained, tmp_path)
     assert metrics["checkpoints"]["4"]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)  # last = merged
     assert metrics["base"]["digit_images_scored"] == 4
     assert metrics["digit_images_scored"] == 4 and metrics["digit_accuracy"] == pytest.approx(digit_accuracy_of(out))
-    assert metrics["clip_score"] is None and "sample.clip_model" in metrics["clip_score_skipped"]
 
-
-def test_clip_score_with_a_local_clip_model(built, trained, tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    clip = tmp_path / "clip"
-    tokenizer = CLIPTokenizer.from_pretrained(built["model"] / "tokenizer")
-    text = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(clip)
-    out = tmp_path / "out"
-    sample(built, trained, out, f"sample.clip_model={clip}")
-    metrics = json.loads((out / "metrics.json").read_text())
+    # CLIP score, recomputed through CLIPModel's forward: 100 x cosine(image, its own prompt), floored at 0.
     assert metrics["clip_model"] == str(clip)
-    # Recomputed through CLIPModel's forward: 100 x cosine(image, its own prompt), floored at 0.
     model, processor = CLIPModel.from_pretrained(clip), CLIPProcessor.from_pretrained(clip)
     prompts = tiny_config().sample.prompts
     pngs = sorted(out.glob("p*_s*.png"))
     inputs = processor(text=[prompts[int(p.name[1:4])] for p in pngs], images=[Image.open(p).convert("RGB") for p in pngs],
                        return_tensors="pt", padding=True)
     with torch.no_grad():  # CLIP's own forward: logits = exp(logit_scale) x cosine, each image vs each prompt
-        out = model(**inputs)
-    expected = float((100 * out.logits_per_image.diagonal() / model.logit_scale.exp()).clamp(min=0).mean())
+        logits = model(**inputs)
+    expected = float((100 * logits.logits_per_image.diagonal() / model.logit_scale.exp()).clamp(min=0).mean())
     assert len(pngs) == 4 and metrics["clip_score"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
 

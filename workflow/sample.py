@@ -166,22 +166,31 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     return metrics
 
 
+def sampled_checkpoints(cfg: Config, run_dir: Path) -> tuple[int, list[int]]:
+    """(final step, the steps sample.checkpoints names), or a clear error for one training did not
+    keep: checked before any model is loaded, not after minutes of sampling."""
+    final = read_json(run_dir / "train.json", "training result")["final_step"]
+    steps = sorted({final if c == "last" else c for c in cfg.sample.checkpoints})
+    for step in steps:
+        tag = checkpoint_tag(step)
+        if not (run_dir / "checkpoints" / tag / "meta.json").is_file():
+            raise FileNotFoundError(f"checkpoint {run_dir / 'checkpoints' / tag} was not kept (sample.checkpoints "
+                                    f"must be listed before training reaches it)")
+    return final, steps
+
+
 def sample_checkpoints(cfg: Config, pipe, run_dir: Path, base_model: Path, validate: Validator, device: torch.device):
     """checkpoint x prompt grid (first seed) and the validation loss of each checkpoint, sampled here,
     outside the training processes, from the checkpoints training kept."""
     from .ema import checkpoint_unet
 
     s = cfg.sample
-    final = read_json(run_dir / "train.json", "training result")["final_step"]
-    steps = sorted({final if c == "last" else c for c in s.checkpoints})
+    final, steps = sampled_checkpoints(cfg, run_dir)
     jobs = [(pi, s.seeds[0]) for pi in range(len(s.prompts))]
     rows, labels, losses = [], [], {}
     merged_unet = pipe.unet
     for step in steps:
         tag = checkpoint_tag(step)
-        if not (run_dir / "checkpoints" / tag / "meta.json").is_file():
-            raise FileNotFoundError(f"checkpoint {run_dir / 'checkpoints' / tag} was not kept (sample.checkpoints "
-                                    f"must be listed before training reaches it)")
         pipe.unet = checkpoint_unet(cfg, base_model, run_dir / "checkpoints", tag).to(device, merged_unet.dtype)
         images = generate(pipe, cfg, jobs, device)
         rows.append([images[j] for j in jobs])
@@ -201,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: sample.compare_base and sample.checkpoints need --base-model")
     if cfg.sample.checkpoints and not opt["run_dir"]:
         raise SystemExit("error: sample.checkpoints needs --run-dir")
+    if cfg.sample.checkpoints:
+        sampled_checkpoints(cfg, opt["run_dir"])
     sample(cfg, Path(args.model), Path(args.out), opt["base_model"], opt["latents"], opt["run_dir"])
 
 
