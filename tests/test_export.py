@@ -253,3 +253,27 @@ def test_family_is_read_from_the_folder(built, tmp_path):
         config = json.loads((built["model"] / edit[0] / "config.json").read_text()) | edit[1]
         (folder / edit[0] / "config.json").write_text(json.dumps(config))
         assert family_of(folder).name == name
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_original_yaml_describes_the_architecture(family, tmp_path):
+    """The .yaml written beside a v-prediction checkpoint, read by diffusers' own original-config
+    reader, gives back the UNet's architecture (SD 2.x: heads from num_head_channels, linear
+    projections). Bug caught: a yaml A1111 would build another model from."""
+    from diffusers import DDPMScheduler
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    from workflow.export import original_config_yaml
+
+    unet, vae, _ = tiny_family_models(family)
+    for name, part in (("unet", unet), ("vae", vae), ("scheduler", DDPMScheduler(prediction_type="v_prediction"))):
+        part.save_config(tmp_path / name)
+    original = yaml.safe_load(original_config_yaml(tmp_path, FAMILIES[family], "v_prediction"))
+    assert original["model"]["params"]["parameterization"] == "v"
+    rebuilt = create_unet_diffusers_config_from_ldm(original, {})
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types", "up_block_types",
+                "in_channels", "out_channels", "attention_head_dim"):
+        want, got = unet.config[key], rebuilt[key]
+        assert (list(got) if isinstance(got, (list, tuple)) else got) == \
+            (list(want) if isinstance(want, (list, tuple)) else want), key
+    assert rebuilt["use_linear_projection"] == (family == "sd2")
