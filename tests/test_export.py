@@ -201,7 +201,10 @@ def test_kohya_lora_keeps_its_alpha_and_loads_like_the_peft_file(built, lora_run
     half strength. The fused model is exported as a checkpoint too."""
     from diffusers import StableDiffusionPipeline
 
-    out = snakemake_export(built, lora_run, tmp_path, *LORA_RUN)
+    # fp32, so that the comparison below is of the conversion, not of fp16 rounding: with adapters
+    # trained at lr 5e-2, fp16 weights moved the prediction by up to 4.5 % of the LoRA's effect
+    # (the checkpoint test covers the fp16 default).
+    out = snakemake_export(built, lora_run, tmp_path, *LORA_RUN, "export.dtype=fp32")
     report = json.loads((out / "export.json").read_text())
     lora_file = out / "digits-tiny_lora.safetensors"
     assert report["files"]["digits-tiny_lora.safetensors"]["alpha"] == 8 and "digits-tiny.safetensors" in report["files"]
@@ -233,7 +236,7 @@ def test_kohya_lora_keeps_its_alpha_and_loads_like_the_peft_file(built, lora_run
     peft, kohya = predict(lora_run / "model"), predict(lora_file)
     effect = (peft - before).abs().max()
     assert effect > 1e-2  # the adapters do something; half of it is what a lost alpha leaves
-    torch.testing.assert_close(kohya, peft, atol=float(effect) * 0.02, rtol=0)  # fp16 adapters vs fp32
+    torch.testing.assert_close(kohya, peft, atol=float(effect) * 1e-3, rtol=0)
 
 
 def test_export_formats_off_and_bad_values(built, zero_runs, tmp_path):
