@@ -36,6 +36,7 @@ RUNS: dict[str, str] = {}
 # Commands run outside this module, and where.
 ELSEWHERE = {
     "make install": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "python -m workflow.build_ops": "make install runs it (.ci/run's first step)",
     "make test": ".ci/run (the suite itself; test_ci_runs_the_documented_test_commands)",
     "make test-faults": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-e2e": ".ci/run (test_ci_runs_the_documented_test_commands)",
