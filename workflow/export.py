@@ -159,14 +159,21 @@ def metadata(cfg: Config, family: Family, info: dict, dataset_count: int, predic
 
 def save_with_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path) -> str:
     """safetensors file whose `modelspec.hash_sha256` is the sha256 of its tensor bytes (the header
-    excluded, as ModelSpec defines it). Returns that hash."""
-    from safetensors.torch import save, save_file
+    excluded, as ModelSpec defines it). Serialized once: the hash goes into the header, whose
+    offsets count from the end of the header, so the tensor bytes stay as they are. Returns the hash."""
+    from safetensors.torch import save
 
     blob = save(tensors, metadata=meta)
     header_len = struct.unpack("<Q", blob[:8])[0]
-    digest = "0x" + hashlib.sha256(blob[8 + header_len:]).hexdigest()
-    del blob
-    save_file(tensors, str(path), metadata=meta | {"modelspec.hash_sha256": digest})
+    data = memoryview(blob)[8 + header_len:]
+    digest = "0x" + hashlib.sha256(data).hexdigest()
+    header = json.loads(blob[8:8 + header_len])
+    header["__metadata__"]["modelspec.hash_sha256"] = digest
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors keeps the tensor bytes 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        f.write(data)
     return digest
 
 
