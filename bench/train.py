@@ -42,7 +42,7 @@ from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
-from workflow.models import latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
+from workflow.models import added_conditions, latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
 
@@ -96,7 +96,9 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
         a = alphas[ts].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with phase("forward"), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            pred = unet(noisy, ts, encoder_hidden_states=batch["texts"][:, 0].float()).sample
+            added = added_conditions(batch["pooled"][:, 0].float() if "pooled" in batch else None, batch["size"][:, 0],
+                                     torch.float32)
+            pred = unet(noisy, ts, encoder_hidden_states=batch["texts"][:, 0].float(), added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), noise)
         with phase("backward"):
             loss.backward()

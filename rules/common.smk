@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from workflow.config import ConfigError, stage_config, validate
+from workflow.config import TINY_BUILTINS, ConfigError, stage_config, validate
 
 try:
     # `config` = config.yaml (or --configfile) + --config key=value overrides (dotted keys allowed).

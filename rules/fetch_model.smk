@@ -1,6 +1,9 @@
-# builtin:tiny is fitted on the prepared data; other models do not depend on it.
+# builtin:tiny (-sd2, -xl) is fitted on the prepared data; other models do not depend on it.
+FITTED_ON_DATA = CFG.model.pretrained in TINY_BUILTINS
+
+
 def fetch_model_inputs(wildcards):
-    return [f"{DATA}/manifest.json"] if CFG.model.pretrained == "builtin:tiny" else []
+    return [f"{DATA}/manifest.json"] if FITTED_ON_DATA else []
 
 
 # A Hub download needs the login node's internet; a builtin model or a local folder is a job.
@@ -17,7 +20,7 @@ rule fetch_model:
         directory(MODEL),
     params:
         cfg=stage_cfg("fetch_model"),
-        data=f"--data {DATA}" if CFG.model.pretrained == "builtin:tiny" else "",
+        data=f"--data {DATA}" if FITTED_ON_DATA else "",
     log:
         f"logs/models/{CFG.model_name}.log",
     benchmark:

@@ -116,15 +116,15 @@ def test_loss_options_change_what_the_model_sees_and_the_loss(built):
     null_text = stream.null_text
     seen = {}
 
-    def model(noisy, timesteps, encoder_hidden_states):  # predicts zeros: the loss is the target's size
+    def model(noisy, timesteps, encoder_hidden_states, added_cond_kwargs):  # predicts zeros: the loss is the target's size
         seen.update(noisy=noisy, timesteps=timesteps, text=encoder_hidden_states)
         return SimpleNamespace(sample=torch.zeros_like(noisy))
 
     def run(*overrides: str) -> tuple[float, dict]:
         cfg = tiny_config("train.prediction_type=epsilon", "train.caption_dropout=0", *overrides)
         gen = torch.Generator().manual_seed(0)
-        loss = diffusion_loss(model, scheduler, batch, null_text, cfg, (0.5, 0.0), "epsilon", gen, torch.device("cpu"),
-                              torch.float32)
+        loss = diffusion_loss(model, scheduler, batch, (null_text, None), cfg, (0.5, 0.0), "epsilon", gen,
+                              torch.device("cpu"), torch.float32)
         return float(loss), dict(seen)
 
     plain, inputs = run()

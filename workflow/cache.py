@@ -2,10 +2,15 @@
 
 Per sample: `mean.npy` and `std.npy` (the VAE posterior, fp16, unscaled: training applies the VAE's
 scaling and shift), shaped (variants, C, H, W) where variant 1 is the horizontally flipped image
-when `cache.random_flip` is on; `text.npy` (last hidden state per caption, fp16, shape
-(captions, tokens, dim)); and `json` (captions and source metadata). Beside the shards:
-`null_text.npy` (the empty caption, for caption dropout) and `manifest.json` with `count`, `shards`,
-shapes, `skipped` and the `fingerprint` that `train` checks against its own config.
+when `cache.random_flip` is on; `text.npy` (per caption the hidden states the family conditions on,
+fp16, shape (captions, tokens, dim): SDXL's two encoders concatenated); for SDXL `pooled.npy`
+(captions, dim: the second encoder's projected pooled embedding); `size.npy` (variants, 6), int32:
+original height and width, crop top and left, target height and width (SDXL's `time_ids`); and
+`json` (captions and source metadata). Beside the shards: `null_text.npy` (and `null_pooled.npy`)
+for caption dropout (the encoded empty caption; zeros for SDXL, see families.py) and
+`manifest.json` with `count`, `shards`, shapes, `skipped` and the `fingerprint` that `train` checks
+against its own config. A non-finite value (an fp16 VAE overflowing, as SDXL's does) stops the
+stage with an error naming the sample.
 
 Each output shard corresponds to one prepared shard and gets a sidecar `<shard>.json` (count,
 sha256, fingerprint) once complete: a rerun after a crash skips shards already finished with the
@@ -32,21 +37,22 @@ import torch
 from .cli import run, stage_main
 from .config import Config
 from .fsutil import read_json, sha256_file, sha256_json, sha256_tree, write_json
-from .imaging import decode_image, resize_crop
-from .models import check_model_dir, load_text_encoder, load_tokenizer, load_vae
+from .families import family_of
+from .imaging import decode_image, resize_crop_at
+from .models import PromptEncoder, check_model_dir, load_vae
 from .shards import AtomicTar, iter_shard, npy_bytes
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 STORE_DTYPE = "fp16"
 
 
 def cache_fingerprint(cfg: Config, model_dir: Path, data_dir: Path) -> dict[str, str]:
     """Everything the cached tensors depend on, each part hashed so a mismatch can be named."""
     model_dir = check_model_dir(model_dir)
-    parts = {
-        "vae": sha256_tree(model_dir / "vae"),
-        "text_encoder": sha256_tree(model_dir / "text_encoder"),
-        "tokenizer": sha256_tree(model_dir / "tokenizer"),
+    parts = {"vae": sha256_tree(model_dir / "vae")}
+    for layout in family_of(model_dir).text_encoders:
+        parts |= {name: sha256_tree(model_dir / name) for name in (layout.folder, layout.tokenizer)}
+    parts |= {
         "resolution": str(cfg.cache.resolution),
         "crop": "center" if cfg.cache.center_crop else f"random(seed={cfg.train.seed})",
         "flip": str(cfg.cache.random_flip),
@@ -63,17 +69,20 @@ def fingerprint_mismatch(expected: dict[str, str], found: dict[str, str]) -> lis
 
 
 class LatentEncoder:
-    """Loads the VAE and text encoder once; encodes image batches and caption lists."""
+    """Loads the VAE and text encoder(s) once; encodes image batches and caption lists. On a GPU
+    in fp16, except a VAE whose config says `force_upcast` (SDXL's overflows in fp16): fp32."""
 
     def __init__(self, model_dir: Path, device: torch.device):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.device, self.dtype = device, dtype
+        self.device = device
         torch.backends.cudnn.benchmark = True  # one batch shape throughout: pick the fastest kernels
         self._upload: dict = {}
         self._turn = 0
         self.vae = load_vae(model_dir, device, dtype)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.text_encoder = load_text_encoder(model_dir, device, dtype)
+        if self.vae.config.get("force_upcast", False) and dtype != torch.float32:
+            self.vae.to(torch.float32)
+        self.dtype = self.vae.dtype
+        self.prompts = PromptEncoder(model_dir, device, dtype)
 
     @torch.no_grad()
     def submit(self, pixels: np.ndarray, flip: bool, captions: list[str]) -> "PendingLatents":
@@ -90,7 +99,7 @@ class LatentEncoder:
             x = torch.cat([x, x.flip(3)])
         post = self.vae.encode(x).latent_dist
         out = torch.stack([post.mean, post.std]).half()  # one transfer for both
-        return PendingLatents(out, self.text(captions).half(), 2 if flip else 1, self.device)
+        return PendingLatents(out, *self.text(captions), 2 if flip else 1, self.device)
 
     def _pinned(self, x: torch.Tensor) -> torch.Tensor:
         # Two pinned upload buffers, reused alternately, so a batch is not re-pinned every time.
@@ -101,42 +110,37 @@ class LatentEncoder:
             self._upload[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         return self._upload[key].copy_(x)
 
-    @torch.no_grad()
-    def text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        if self.device.type == "cuda":
-            # A blocking upload would wait for the VAE work queued before it and stall the pipeline.
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-        return self.text_encoder(ids)[0]
-
-    def captions(self, captions: list[str]) -> np.ndarray:
-        return self.text(captions).half().cpu().numpy()
+    def text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden, pooled = self.prompts(captions)
+        return hidden.half(), None if pooled is None else pooled.half()
 
 
 class PendingLatents:
     """Latents on their way back from the device; `result()` waits for them."""
 
-    def __init__(self, latents: torch.Tensor, texts: torch.Tensor, variants: int, device: torch.device):
+    def __init__(self, latents: torch.Tensor, texts: torch.Tensor, pooled: torch.Tensor | None, variants: int,
+                 device: torch.device):
         self.variants = variants
         self.ready = None
         if device.type == "cuda":
             latents, texts = (self._to_pinned(t) for t in (latents, texts))
+            pooled = None if pooled is None else self._to_pinned(pooled)
             self.ready = torch.cuda.Event()
             self.ready.record()
-        self.latents, self.texts = latents, texts
+        self.latents, self.texts, self.pooled = latents, texts, pooled
 
     @staticmethod
     def _to_pinned(t: torch.Tensor) -> torch.Tensor:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return host.copy_(t, non_blocking=True)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, std) each (N, variants, C, h, w), and the caption embeddings; fp16."""
+    def result(self) -> dict[str, np.ndarray]:
+        """mean and std, each (N, variants, C, h, w), and the caption embeddings (text, pooled); fp16."""
         if self.ready is not None:
             self.ready.synchronize()
         out = self.latents.unflatten(1, (self.variants, -1)).transpose(1, 2).cpu().numpy()
-        return out[0], out[1], self.texts.cpu().numpy()
+        encoded = {"mean": out[0], "std": out[1], "text": self.texts.cpu().numpy()}
+        return encoded | ({} if self.pooled is None else {"pooled": self.pooled.cpu().numpy()})
 
 
 def crop_for(cfg: Config, key: str) -> np.random.Generator | None:
@@ -145,12 +149,17 @@ def crop_for(cfg: Config, key: str) -> np.random.Generator | None:
     return None if cfg.cache.center_crop else np.random.default_rng([cfg.train.seed, int(key)])
 
 
-def decoded_batches(cfg: Config, src: Path, workers: int) -> Iterator[tuple[list[dict], np.ndarray]]:
-    """(samples, uint8 pixels (N, H, W, 3)) per batch. Decode + resize + crop run in threads (PIL
-    releases the GIL) a few batches ahead, so they overlap with the encoder instead of adding to it."""
-    def load(sample: dict) -> np.ndarray:
-        img = resize_crop(decode_image(sample), cfg.cache.resolution, crop_for(cfg, sample["__key__"]))
-        return np.asarray(img, dtype=np.uint8)
+def decoded_batches(cfg: Config, src: Path, workers: int) -> Iterator[tuple[list[dict], np.ndarray, np.ndarray]]:
+    """(samples, uint8 pixels (N, H, W, 3), size conditions (N, 2, 6)) per batch. Decode + resize +
+    crop run in threads (PIL releases the GIL) a few batches ahead, so they overlap with the encoder
+    instead of adding to it."""
+    def load(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+        img, sizes = resize_crop_at(decode_image(sample), cfg.cache.resolution, crop_for(cfg, sample["__key__"]))
+        return np.asarray(img, dtype=np.uint8), sizes
+
+    def stacked(done: list[dict], futures: list) -> tuple[list[dict], np.ndarray, np.ndarray]:
+        loaded = [f.result() for f in futures]
+        return done, np.stack([px for px, _ in loaded]), np.stack([sz for _, sz in loaded])
 
     def chunks() -> Iterator[list[dict]]:
         batch: list[dict] = []
@@ -167,19 +176,30 @@ def decoded_batches(cfg: Config, src: Path, workers: int) -> Iterator[tuple[list
         for batch in chunks():
             pending.append((batch, [pool.submit(load, s) for s in batch]))
             if len(pending) > 2:
-                done, futures = pending.popleft()
-                yield done, np.stack([f.result() for f in futures])
+                yield stacked(*pending.popleft())
         while pending:
-            done, futures = pending.popleft()
-            yield done, np.stack([f.result() for f in futures])
+            yield stacked(*pending.popleft())
 
 
-def write_batch(tar: AtomicTar, batch: list[dict], metas: list[dict], means: np.ndarray, stds: np.ndarray,
-                texts: np.ndarray) -> None:
+class NonFiniteLatents(ValueError):
+    """The encoders gave inf/NaN for a sample: training on it would silently ruin the model."""
+
+
+def write_batch(tar: AtomicTar, src: Path, batch: list[dict], metas: list[dict], encoded: dict[str, np.ndarray],
+                sizes: np.ndarray, variants: int) -> None:
     offsets = np.cumsum([0] + [len(m["captions"]) for m in metas])
     for i, (s, meta) in enumerate(zip(batch, metas)):
-        tar.write({"__key__": s["__key__"], "mean.npy": npy_bytes(means[i]), "std.npy": npy_bytes(stds[i]),
-                   "text.npy": npy_bytes(texts[offsets[i]:offsets[i + 1]]), "json": json.dumps(meta).encode()})
+        per_caption = slice(offsets[i], offsets[i + 1])
+        arrays = {"mean": encoded["mean"][i], "std": encoded["std"][i], "text": encoded["text"][per_caption]}
+        if "pooled" in encoded:
+            arrays["pooled"] = encoded["pooled"][per_caption]
+        bad = [name for name, a in arrays.items() if not np.isfinite(a).all()]
+        if bad:
+            raise NonFiniteLatents(
+                f"sample {s['__key__']} of {src}: non-finite {', '.join(bad)} from the encoders (an fp16 VAE "
+                f"overflowing? SDXL's VAE needs fp32 (force_upcast in its config) or an fp16-fix VAE as model.vae)")
+        tar.write({"__key__": s["__key__"], **{f"{name}.npy": npy_bytes(a) for name, a in arrays.items()},
+                   "size.npy": npy_bytes(sizes[i, :variants]), "json": json.dumps(meta).encode()})
 
 
 DECODE_THREADS = min(8, len(os.sched_getaffinity(0)))
@@ -190,21 +210,20 @@ def cache_shard(enc: LatentEncoder, cfg: Config, src: Path, dest: Path, workers:
     encodes batch k, this thread collects batch k-1 and a writer thread serializes it; decoding
     runs ahead in its own threads."""
     def collect(item) -> None:
-        batch, pending, metas = item
-        means, stds, texts = pending.result()
-        writes.append(writer.submit(write_batch, tar, batch, metas, means, stds, texts))
+        batch, pending, metas, sizes = item
+        writes.append(writer.submit(write_batch, tar, src, batch, metas, pending.result(), sizes, pending.variants))
         if len(writes) > 2:
             writes.pop(0).result()  # bounded memory; re-raises a write error here
 
     writes: list = []
     with AtomicTar(dest) as tar, ThreadPoolExecutor(1) as writer:
         previous = None
-        for batch, pixels in decoded_batches(cfg, src, workers):
+        for batch, pixels, sizes in decoded_batches(cfg, src, workers):
             metas = [json.loads(s["json"]) for s in batch]
             pending = enc.submit(pixels, cfg.cache.random_flip, [c for m in metas for c in m["captions"]])
             if previous is not None:
                 collect(previous)
-            previous = (batch, pending, metas)
+            previous = (batch, pending, metas, sizes)
         if previous is not None:
             collect(previous)
         for w in writes:
@@ -281,8 +300,10 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
     # procs == 1 initialised this process's encoder above (always, even with nothing to do);
     # otherwise the workers held theirs and this process needs one for the null caption.
     enc = _WORKER["enc"] if procs == 1 else LatentEncoder(model_dir, torch.device("cpu"))
-    null_text = enc.captions([""])[0]
+    null_text, null_pooled = (None if t is None else t.half().cpu().numpy() for t in enc.prompts.null_caption())
     np.save(out_dir / "null_text.npy", null_text)
+    if null_pooled is not None:
+        np.save(out_dir / "null_pooled.npy", null_pooled)
     shards = [done[s["name"]] for s in data_manifest["shards"]]
     count = sum(s["count"] for s in shards)
     latent_hw = cfg.cache.resolution // (2 ** (len(enc.vae.config.block_out_channels) - 1))
@@ -291,6 +312,7 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
         "count": count, "shards": shards, "fingerprint": fingerprint, "dtype": STORE_DTYPE,
         "variants": 2 if cfg.cache.random_flip else 1,
         "latent_shape": [enc.vae.config.latent_channels, latent_hw, latent_hw], "text_shape": list(null_text.shape),
+        "pooled_shape": None if null_pooled is None else list(null_pooled.shape), "family": family_of(model_dir).name,
         "skipped": data_manifest.get("skipped", []), "reused_shards": len(shards) - len(todo), "procs": procs,
         "seconds": round(seconds, 1), "images_per_s": round(sum(s["count"] for s in todo) / max(seconds, 1e-9), 1),
     }

@@ -47,6 +47,11 @@ class DataConfig(Section):
 DATA_SCHEMES = ("builtin", "imagefolder", "hf", "wds")
 
 
+# Built by fetch_model and fitted on the prepared data (their VAE), so named after the data set.
+TINY_BUILTINS = {"builtin:tiny": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-xl": "sdxl"}  # -> family
+ARCH_BUILTINS = ("builtin:sd15-arch", "builtin:sdxl-arch")  # real architectures, random weights
+
+
 class TinyModelConfig(Section):
     vae_steps: int = Field(250, ge=0, description="optimizer steps fitting builtin:tiny's VAE on the data")
     vae_batch: int = Field(32, ge=1)
@@ -54,8 +59,11 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    pretrained: str = Field("builtin:tiny", description="builtin:tiny | builtin:sd15-arch | local folder | Hub id")
-    name: str | None = Field(None, description="model name used in paths; derived from pretrained")
+    pretrained: str = Field("builtin:tiny", description="builtin:tiny | builtin:tiny-sd2 | builtin:tiny-xl | "
+                            "builtin:sd15-arch | builtin:sdxl-arch | local diffusers folder (SD 1.x, 2.x or SDXL) | Hub id")
+    name: str | None = Field(None, description="model name used in paths; derived from pretrained (and vae)")
+    vae: str | None = Field(None, description="a VAE folder (diffusers AutoencoderKL: config.json + weights) used "
+                            "instead of the model's, e.g. an fp16-fix VAE for SDXL")
     revision: str | None = Field(None, description="Hub revision for a Hub id")
     tiny: TinyModelConfig = TinyModelConfig()
 
@@ -300,9 +308,11 @@ class Config(Section):
     def model_name(self) -> str:
         if self.model.name:
             return self.model.name
-        if self.model.pretrained == "builtin:tiny":
-            return f"tiny-{self.dataset_name}"  # fitted on this dataset, so it is named after it
-        return slug(self.model.pretrained)
+        if self.model.pretrained in TINY_BUILTINS:  # fitted on this dataset, so named after it
+            name = f"{slug(self.model.pretrained)}-{self.dataset_name}"
+        else:
+            name = slug(self.model.pretrained)
+        return f"{name}+{slug(self.model.vae)}" if self.model.vae else name
 
     @property
     def encoder_key(self) -> str:

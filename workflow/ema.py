@@ -337,9 +337,9 @@ def load_adapters(unet, weights: dict) -> None:
 def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> None:
     """The base pipeline with `unet`, its scheduler predicting what the UNet was trained to; the
     rest (safety checker, feature extractor, scheduler settings) as the base has it."""
-    from .models import load_sd_pipeline
+    from .models import load_pipeline
 
-    pipe = load_sd_pipeline(model_dir, unet=unet)
+    pipe = load_pipeline(model_dir, unet=unet)
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(folder, safe_serialization=True)
     keep_settings_components(model_dir, folder)
@@ -376,11 +376,10 @@ def export_full(model_dir: Path, main: dict, other: dict, tmp: Path, other_name:
 def export_lora(cfg: Config, model_dir: Path, main: dict, other: dict, tmp: Path, prediction_type: str) -> dict:
     """pytorch_lora_weights.safetensors (diffusers format, for pipe.load_lora_weights) of the chosen
     weights, the other set in lora_raw/ or lora_ema/, and with ema.fuse_lora the fused full model."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from .models import add_lora, load_unet
+    from .models import add_lora, load_unet, pipeline_class
 
     unet = add_lora(load_unet(model_dir), cfg.train.lora)
     metadata = unet.peft_config["default"].to_dict()
@@ -393,8 +392,8 @@ def export_lora(cfg: Config, model_dir: Path, main: dict, other: dict, tmp: Path
     def save_adapter(weights: dict, folder: Path) -> None:
         load_adapters(unet, weights)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=metadata)
+        pipeline_class(model_dir).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                                    unet_lora_adapter_metadata=metadata)
 
     other_name = "lora_raw" if cfg.ema.use else "lora_ema"
     save_adapter(other, tmp / other_name)

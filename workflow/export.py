@@ -36,24 +36,15 @@ from .original_layout import clip_to_original, convert, openclip_to_original, un
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def load_text_encoder_component(model_dir: Path, folder: str):
-    """A text encoder of the folder with the class its config names (SDXL's second one has a projection)."""
-    import transformers
-
-    config = read_json(model_dir / folder / "config.json", f"{folder} config")
-    cls = getattr(transformers, (config.get("architectures") or ["CLIPTextModel"])[0])
-    return cls.from_pretrained(model_dir, subfolder=folder)
-
-
 def checkpoint_state_dict(model_dir: Path, family: Family, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The pipeline folder's weights under the original single-file keys."""
-    from .models import load_unet, load_vae
+    from .models import load_text_encoder, load_unet, load_vae
 
     unet, vae = load_unet(model_dir), load_vae(model_dir)
     out = convert(unet.state_dict(), unet_rows(dict(unet.config)), UNET_PREFIX, "unet")
     out |= convert(vae.state_dict(), vae_rows(dict(vae.config)), VAE_PREFIX, "vae")
     for layout in family.text_encoders:
-        weights = load_text_encoder_component(model_dir, layout.folder).state_dict()
+        weights = load_text_encoder(model_dir, folder=layout.folder).state_dict()
         out |= (openclip_to_original if layout.openclip else clip_to_original)(weights, layout.prefix)
     return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
 

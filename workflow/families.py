@@ -21,8 +21,13 @@ from pathlib import Path
 @dataclass(frozen=True)
 class TextEncoderLayout:
     folder: str  # the diffusers component: text_encoder, text_encoder_2
+    tokenizer: str  # its tokenizer's component: tokenizer, tokenizer_2
     prefix: str  # its keys' prefix in the single file
     openclip: bool  # OpenCLIP's layout (fused in_proj, resblocks) instead of the HF CLIP one
+    # Which hidden states condition the UNet: "last" (last_hidden_state, final layer norm applied;
+    # SD 2.x folders already drop OpenCLIP's last layer) or "penultimate" (hidden_states[-2], SDXL).
+    hidden_state: str = "last"
+    pooled: bool = False  # its projected pooled embedding is the UNet's `text_embeds` (SDXL's second encoder)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,14 @@ class Family:
     kohya_unet_names: str  # "diffusers": lora_unet_down_blocks_...; "original": lora_unet_input_blocks_...
     lora_version: str  # kohya's ss_base_model_version
     ldm_target: str  # the original config's model class (written into the A1111 .yaml)
+    pipeline: str  # the diffusers pipeline class that loads and samples the folder
+    # The UNet is also conditioned on `time_ids` (original size, crop top-left, target size) and the
+    # pooled text embedding (SDXL's `addition_embed_type: text_time`).
+    size_conditioning: bool = False
+    # What a dropped caption becomes: "empty" (the encoded empty caption, as SD 1.x/2.x were trained)
+    # or "zeros" (zero hidden states and pooled embedding: SDXL was trained with sgm's conditioner
+    # zeroing dropped embeddings, and its pipeline's force_zeros_for_empty_prompt samples that way).
+    null_caption: str = "empty"
 
 
 UNET_PREFIX = "model.diffusion_model."
@@ -41,15 +54,18 @@ VAE_PREFIX = "first_stage_model."
 
 FAMILIES = {
     "sd1": Family("sd1", "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion",
-                  (TextEncoderLayout("text_encoder", "cond_stage_model.transformer.", False),), "diffusers", "sd_v1",
-                  "ldm.models.diffusion.ddpm.LatentDiffusion"),
+                  (TextEncoderLayout("text_encoder", "tokenizer", "cond_stage_model.transformer.", False),), "diffusers",
+                  "sd_v1", "ldm.models.diffusion.ddpm.LatentDiffusion", "StableDiffusionPipeline"),
     "sd2": Family("sd2", "stable-diffusion-v2", "https://github.com/Stability-AI/stablediffusion",
-                  (TextEncoderLayout("text_encoder", "cond_stage_model.model.", True),), "diffusers", "sd_v2",
-                  "ldm.models.diffusion.ddpm.LatentDiffusion"),
+                  (TextEncoderLayout("text_encoder", "tokenizer", "cond_stage_model.model.", True),), "diffusers",
+                  "sd_v2", "ldm.models.diffusion.ddpm.LatentDiffusion", "StableDiffusionPipeline"),
     "sdxl": Family("sdxl", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models",
-                   (TextEncoderLayout("text_encoder", "conditioner.embedders.0.transformer.", False),
-                    TextEncoderLayout("text_encoder_2", "conditioner.embedders.1.model.", True)), "original", "sdxl_base_v1-0",
-                   "sgm.models.diffusion.DiffusionEngine"),
+                   (TextEncoderLayout("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", False,
+                                      "penultimate"),
+                    TextEncoderLayout("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", True,
+                                      "penultimate", pooled=True)),
+                   "original", "sdxl_base_v1-0", "sgm.models.diffusion.DiffusionEngine", "StableDiffusionXLPipeline",
+                   size_conditioning=True, null_caption="zeros"),
 }
 
 
@@ -69,3 +85,10 @@ def family_of(model_dir: str | Path) -> Family:
     if _config(model_dir, "text_encoder").get("hidden_act") == "gelu":
         return FAMILIES["sd2"]
     return FAMILIES["sd1"]
+
+
+def native_resolution(model_dir: str | Path) -> int:
+    """The image size the model was built for: its UNet's sample size times the VAE's down-sampling
+    (512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL)."""
+    unet, vae = _config(Path(model_dir), "unet"), _config(Path(model_dir), "vae")
+    return int(unet["sample_size"]) * 2 ** (len(vae.get("block_out_channels", [0])) - 1)

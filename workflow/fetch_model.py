@@ -2,7 +2,11 @@
 
   builtin:tiny       built here: CLIP tokenizer learned on the captions, small CLIP text encoder,
                      AutoencoderKL fitted briefly on the prepared images, random UNet, DDPM scheduler
+  builtin:tiny-sd2   the same, SD 2.x-shaped (OpenCLIP-like gelu text encoder, linear attention projections)
+  builtin:tiny-xl    the same, SDXL-shaped: two text encoders (the second's pooled projection and the
+                     size `time_ids` are the UNet's added conditions, `addition_embed_type: text_time`)
   builtin:sd15-arch  Stable Diffusion 1.5's architecture with random weights (for benchmarks)
+  builtin:sdxl-arch  SDXL 1.0 base's architecture with random weights (for benchmarks)
   <local folder>     a diffusers folder, used as is (linked, not copied)
   <org/name>         a Hugging Face Hub id, downloaded with huggingface_hub (needs internet)
 
@@ -13,19 +17,21 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
 from .cli import run, stage_main
-from .config import Config
+from .config import TINY_BUILTINS, Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
-from .models import (build_sd15_arch, build_tiny, check_model_dir, file_variant, is_weights, listed_components,
+from .models import (build_sd15_arch, build_sdxl_arch, build_tiny, check_model_dir, file_variant, is_weights, listed_components,
                      pipeline_components, preferred_variant)
 from .shards import iter_shard
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TINY_RESOLUTION = 32
+ARCH_BUILTINS = {"builtin:sd15-arch": build_sd15_arch, "builtin:sdxl-arch": build_sdxl_arch}
 
 
 def load_prepared(data_dir: Path, resolution: int):
@@ -46,6 +52,30 @@ def link_local(src: Path, tmp: Path) -> None:
     repo (single-file checkpoints beside it)."""
     for name in ["model_index.json", *pipeline_components(src)]:
         (tmp / name).symlink_to((src / name).resolve())
+
+
+def replace_vae(model_dir: Path, vae_dir: Path) -> str:
+    """model.vae: the model folder's vae/ becomes a link to the user's VAE folder, so every stage
+    (cache, merge, sample, export) uses it; its latent scaling must be the model's (an fp16-fix
+    VAE is a drop-in for SDXL's; SD 1.x's VAE is not one for SDXL)."""
+    from diffusers import AutoencoderKL
+
+    if not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model.vae: {vae_dir} is not a diffusers VAE folder (no config.json)")
+    own, new = read_json(model_dir / "vae" / "config.json"), read_json(vae_dir / "config.json")
+    if new.get("_class_name") != AutoencoderKL.__name__:
+        raise ValueError(f"model.vae: {vae_dir} holds a {new.get('_class_name')}, not an AutoencoderKL")
+    for key in ("latent_channels", "scaling_factor"):
+        if own.get(key) != new.get(key):
+            raise ValueError(f"model.vae: {vae_dir} has {key} {new.get(key)}, the model's VAE {own.get(key)}: "
+                             f"latents would not be in the UNet's space")
+    target = model_dir / "vae"
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    else:
+        shutil.rmtree(target)
+    target.symlink_to(vae_dir.resolve())
+    return str(vae_dir)
 
 
 def hub_files_to_fetch(files: list[str], index: dict) -> list[str]:
@@ -80,22 +110,25 @@ def fetch_model(cfg: Config, out: Path, data_dir: Path | None) -> dict:
     started = time.time()
     report: dict = {"pretrained": ref}
     with atomic_dir(out) as tmp:
-        if ref == "builtin:tiny":
+        if ref in TINY_BUILTINS:
             if data_dir is None:
-                raise ValueError("builtin:tiny is fitted on the data set: pass --data <prepared data folder>")
+                raise ValueError(f"{ref} is fitted on the data set: pass --data <prepared data folder>")
             images, captions = load_prepared(data_dir, TINY_RESOLUTION)
             tiny = cfg.model.tiny
-            report |= build_tiny(tmp, images, captions, tiny.vae_steps, tiny.vae_batch, cfg.model.tiny.seed)
-        elif ref == "builtin:sd15-arch":
-            report |= build_sd15_arch(tmp)
+            report |= build_tiny(tmp, images, captions, tiny.vae_steps, tiny.vae_batch, tiny.seed, TINY_BUILTINS[ref])
+        elif ref in ARCH_BUILTINS:
+            report |= ARCH_BUILTINS[ref](tmp)
         elif ref.startswith("builtin:"):
-            raise ValueError(f"model.pretrained: unknown builtin model {ref!r}; available: builtin:tiny, builtin:sd15-arch")
+            raise ValueError(f"model.pretrained: unknown builtin model {ref!r}; available: "
+                             f"{', '.join([*TINY_BUILTINS, *ARCH_BUILTINS])}")
         elif Path(ref).expanduser().exists():
             link_local(check_model_dir(Path(ref).expanduser()), tmp)
         elif HUB_ID.match(ref):
             download_hub(ref, cfg.model.revision, tmp)
         else:
             raise FileNotFoundError(f"model.pretrained: {ref!r} is neither a local folder nor a Hub id (org/name)")
+        if cfg.model.vae:
+            report["vae"] = replace_vae(tmp, Path(cfg.model.vae).expanduser())
         check_model_dir(tmp)
         report["seconds"] = round(time.time() - started, 1)
         write_json(tmp / "fetch.json", report)

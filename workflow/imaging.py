@@ -19,8 +19,14 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:
+    return resize_crop_at(img, size, rng)[0]
+
+
+def resize_crop_at(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> tuple[Image.Image, np.ndarray]:
     """Resize the short side to `size` (high-quality downsampling), then crop a square: the
-    center, or where `rng` puts it (random crops are drawn once, at cache time)."""
+    center, or where `rng` puts it (random crops are drawn once, at cache time). Returns the crop
+    and its size conditions (see size_conditions)."""
+    original = img.size
     w, h = img.size
     scale = size / min(w, h)
     img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
@@ -29,7 +35,16 @@ def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = N
         left, top = (w - size) // 2, (h - size) // 2
     else:
         left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    return img.crop((left, top, left + size, top + size))
+    return img.crop((left, top, left + size, top + size)), size_conditions(original, (w, h), (left, top), (size, size))
+
+
+def size_conditions(original_wh: tuple[int, int], resized_wh: tuple[int, int], left_top: tuple[int, int],
+                    target_wh: tuple[int, int]) -> np.ndarray:
+    """SDXL's `time_ids` of a crop, int32 (2, 6): (original height, width, crop top, crop left,
+    target height, width), row 0 for the image, row 1 for its mirror image (the crop's left edge
+    measured in the flipped image), for training with random_flip."""
+    (ow, oh), (rw, _), (left, top), (tw, th) = original_wh, resized_wh, left_top, target_wh
+    return np.array([[oh, ow, top, left, th, tw], [oh, ow, top, rw - left - tw, th, tw]], dtype=np.int32)
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -94,6 +94,8 @@ class LatentStream:
         if self.per_rank == 0:
             raise ValueError(f"latent cache {self.dir} holds {self.count} samples: fewer than the {world_size} ranks")
         self.null_text = torch.from_numpy(np.load(self.dir / "null_text.npy")).float()
+        pooled = self.dir / "null_pooled.npy"
+        self.null_pooled = torch.from_numpy(np.load(pooled)).float() if pooled.is_file() else None
         self._loaded: tuple[tuple[int, int], list[dict]] | None = None
 
     def epoch_and_offset(self, position: int) -> tuple[int, int]:
@@ -188,24 +190,30 @@ def prefetched(source: Iterator, depth: int) -> Iterator:
 
 
 def decode_latent_sample(raw: dict) -> dict:
-    return {
-        "mean": torch.from_numpy(npy_load(raw["mean.npy"])),
-        "std": torch.from_numpy(npy_load(raw["std.npy"])),
-        "text": torch.from_numpy(npy_load(raw["text.npy"])),
-        "meta": json.loads(raw["json"]),
-    }
+    sample = {name: torch.from_numpy(npy_load(raw[f"{name}.npy"])) for name in ("mean", "std", "text", "size")}
+    if "pooled.npy" in raw:
+        sample["pooled"] = torch.from_numpy(npy_load(raw["pooled.npy"]))
+    return sample | {"meta": json.loads(raw["json"])}
+
+
+def _pad_captions(per_sample: list[torch.Tensor], most: int) -> torch.Tensor:
+    """(batch, most, ...): samples with fewer captions padded by repeating their first."""
+    return torch.stack([torch.cat([t, t[:1].expand(most - t.shape[0], *t.shape[1:])]) for t in per_sample])
 
 
 def collate(samples: list[dict]) -> dict:
-    """mean/std: (batch, variants, C, H, W), variant 1 (if cached) the flipped image; text:
-    (batch, captions, tokens, dim), samples with fewer captions padded by repeating their first,
-    and `n_texts` how many each really has."""
+    """mean/std: (batch, variants, C, H, W), variant 1 (if cached) the flipped image; size:
+    (batch, variants, 6) SDXL's time_ids of each variant; texts: (batch, captions, tokens, dim) and
+    for SDXL pooled: (batch, captions, dim), samples with fewer captions padded by repeating their
+    first, and `n_texts` how many each really has."""
     most = max(s["text"].shape[0] for s in samples)
-    texts = [torch.cat([s["text"], s["text"][:1].expand(most - s["text"].shape[0], *s["text"].shape[1:])])
-             for s in samples]
-    return {
+    batch = {
         "mean": torch.stack([s["mean"] for s in samples]),  # stored dtype (fp16): half the bytes to copy
         "std": torch.stack([s["std"] for s in samples]),
-        "texts": torch.stack(texts),
+        "size": torch.stack([s["size"] for s in samples]),
+        "texts": _pad_captions([s["text"] for s in samples], most),
         "n_texts": torch.tensor([s["text"].shape[0] for s in samples]),
     }
+    if "pooled" in samples[0]:
+        batch["pooled"] = _pad_captions([s["pooled"] for s in samples], most)
+    return batch

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .models import added_conditions
+
 DIGIT_PROMPT = re.compile(r"\bhandwritten digit (\d)\b")
 
 
@@ -97,11 +99,15 @@ def validation_loss(unet, scheduler, samples: list[dict], prediction_type: str, 
         latents = torch.stack([(samples[i]["mean"][0].float() - shift) * scale for i, _ in chunk])
         eps = torch.stack([noise[i] for i, _ in chunk])
         text = torch.stack([samples[i]["text"][0].float() for i, _ in chunk])
+        pooled = torch.stack([samples[i]["pooled"][0].float() for i, _ in chunk]) if "pooled" in samples[0] else None
+        added = added_conditions(None if pooled is None else pooled.to(device),
+                                 torch.stack([samples[i]["size"][0] for i, _ in chunk]).to(device), dtype)
         t = torch.tensor([t for _, t in chunk])
         noisy = scheduler.add_noise(latents, eps, t)
         scheduler.alphas_cumprod = alphas  # add_noise may have moved it; keep it on the host
         target = scheduler.get_velocity(latents, eps, t) if prediction_type == "v_prediction" else eps
-        pred = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=text.to(device, dtype)).sample
+        pred = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=text.to(device, dtype),
+                    added_cond_kwargs=added).sample
         losses.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
     return float(torch.cat(losses).mean())
 

@@ -13,17 +13,24 @@ from typing import Any, Iterable
 
 import torch
 
-REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+from .families import family_of
+
+REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler")
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A diffusers Stable Diffusion folder, or a clear error naming what is missing."""
+    """A diffusers Stable Diffusion folder (with every text encoder and tokenizer its family needs),
+    or a clear error naming what is missing."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    missing = [d + "/" for d in REQUIRED_SUBFOLDERS if not (path / d).is_dir()]
-    missing += [] if (path / "model_index.json").is_file() else ["model_index.json"]
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing model_index.json")
+    wanted = list(REQUIRED_SUBFOLDERS)
+    for layout in family_of(path).text_encoders:
+        wanted += [layout.folder, layout.tokenizer]
+    missing = [d + "/" for d in wanted if not (path / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing {', '.join(missing)}")
     return path
@@ -81,17 +88,20 @@ def pipeline_components(model_dir: Path) -> list[str]:
     return [name for name in listed_components(index) if (Path(model_dir) / name).is_dir()]
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, folder: str = "tokenizer"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+    return CLIPTokenizer.from_pretrained(model_dir, subfolder=folder)
 
 
-def load_text_encoder(model_dir: Path, device="cpu", dtype=torch.float32):
-    from transformers import CLIPTextModel
+def load_text_encoder(model_dir: Path, device="cpu", dtype=torch.float32, folder: str = "text_encoder"):
+    """A text encoder with the class its config names (SDXL's second one has a projection)."""
+    import transformers
 
-    return CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", torch_dtype=dtype,
-                                         variant=weights_variant(Path(model_dir) / "text_encoder")).to(device).eval()
+    config = json.loads((Path(model_dir) / folder / "config.json").read_text())
+    cls = getattr(transformers, (config.get("architectures") or ["CLIPTextModel"])[0])
+    return cls.from_pretrained(model_dir, subfolder=folder, torch_dtype=dtype,
+                               variant=weights_variant(Path(model_dir) / folder)).to(device).eval()
 
 
 def load_vae(model_dir: Path, device="cpu", dtype=torch.float32):
@@ -108,18 +118,69 @@ def load_unet(model_dir: Path, dtype=torch.float32):
                                                 variant=weights_variant(Path(model_dir) / "unet"))
 
 
-def load_sd_pipeline(model_dir: Path, dtype=torch.float32, **components):
-    """The base pipeline as its folder has it (safety checker and feature extractor included when
-    listed), each of UNet, VAE and text encoder from its own weights variant; `components` replace
-    parts (unet=..., safety_checker=None)."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(model_dir: Path):
+    import diffusers
 
+    return getattr(diffusers, family_of(model_dir).pipeline)
+
+
+def load_pipeline(model_dir: Path, dtype=torch.float32, unfiltered: bool = False, **components):
+    """The base pipeline of the folder's family as its folder has it (a safety checker and feature
+    extractor included when listed, unless `unfiltered`), each of UNet, VAE and text encoder(s) from
+    its own weights variant; `components` replace parts (unet=...)."""
+    family = family_of(model_dir)
     components.setdefault("vae", load_vae(model_dir, dtype=dtype))
-    components.setdefault("text_encoder", load_text_encoder(model_dir, dtype=dtype))
+    for layout in family.text_encoders:
+        components.setdefault(layout.folder, load_text_encoder(model_dir, dtype=dtype, folder=layout.folder))
     if "unet" not in components:
         components["unet"] = load_unet(model_dir, dtype=dtype)
-    return StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, variant=pipeline_variant(model_dir),
-                                                   **components)
+    index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    if unfiltered and "safety_checker" in index:
+        components |= {"safety_checker": None, "requires_safety_checker": False}
+    return pipeline_class(model_dir).from_pretrained(model_dir, torch_dtype=dtype, variant=pipeline_variant(model_dir),
+                                                     **components)
+
+
+class PromptEncoder:
+    """Captions -> what the family's UNet is conditioned on, computed as its diffusers pipeline
+    does: hidden states (N, tokens, dim; SDXL's two encoders' penultimate layers concatenated) and,
+    where the family uses one, the pooled projected embedding (N, dim)."""
+
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype):
+        self.family = family_of(model_dir)
+        self.device = device
+        self.tokenizers = [load_tokenizer(model_dir, layout.tokenizer) for layout in self.family.text_encoders]
+        self.encoders = [load_text_encoder(model_dir, device, dtype, layout.folder) for layout in self.family.text_encoders]
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden, pooled = [], None
+        for layout, tokenizer, encoder in zip(self.family.text_encoders, self.tokenizers, self.encoders):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            if self.device.type == "cuda":
+                # A blocking upload would wait for the VAE work queued before it and stall the pipeline.
+                ids = ids.pin_memory().to(self.device, non_blocking=True)
+            out = encoder(ids, output_hidden_states=layout.hidden_state == "penultimate")
+            hidden.append(out.hidden_states[-2] if layout.hidden_state == "penultimate" else out.last_hidden_state)
+            if layout.pooled:
+                pooled = out.text_embeds
+        return torch.cat(hidden, dim=-1), pooled
+
+    def null_caption(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a dropped caption becomes (one caption's embeddings): see Family.null_caption."""
+        hidden, pooled = self([""])
+        if self.family.null_caption == "zeros":
+            hidden, pooled = torch.zeros_like(hidden), None if pooled is None else torch.zeros_like(pooled)
+        return hidden[0], None if pooled is None else pooled[0]
+
+
+def added_conditions(pooled: torch.Tensor | None, sizes: torch.Tensor, dtype: torch.dtype) -> dict | None:
+    """The UNet's `added_cond_kwargs` for SDXL (pooled text embedding, time_ids from the cached
+    size conditions, kept in fp32: sizes above 256 are not all exact in bf16); None for SD 1.x/2.x."""
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled.to(dtype), "time_ids": sizes.float()}
 
 
 def add_lora(unet, lora):
@@ -166,19 +227,45 @@ def train_clip_tokenizer(corpus: Iterable[str], max_length: int = 16, vocab_size
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def tiny_components(tokenizer, resolution: int, seed: int) -> dict[str, Any]:
-    """Small SD-style components. The noise schedule reaches (near) zero terminal SNR with
-    v-prediction: SD's scaled_linear schedule leaves visible signal at t=T for 8x8 latents, which
-    makes samples drawn from pure noise miss the training distribution."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(tokenizer, hidden_size: int, hidden_act: str = "quick_gelu", projection_dim: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection_dim or hidden_size,
+    )
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+TINY_FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def tiny_components(tokenizer, resolution: int, seed: int, family: str = "sd1") -> dict[str, Any]:
+    """Small components of one family's shape: sd1 (one CLIP text encoder, quick_gelu), sd2 (an
+    OpenCLIP-like gelu encoder, linear attention projections) or sdxl (two encoders, the second
+    with a projection whose pooled output and the size `time_ids` are the UNet's added
+    conditions). The noise schedule reaches (near) zero terminal SNR with v-prediction: SD's
+    scaled_linear schedule leaves visible signal at t=T for 8x8 latents, which makes samples drawn
+    from pure noise miss the training distribution."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"no tiny model of family {family!r}; one of {TINY_FAMILIES}")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    unet_extra: dict[str, Any] = {}
+    if family == "sdxl":
+        # Widths differ, as SDXL's 768 and 1280 do: single-file loaders tell the encoders apart by width.
+        encoders = {"text_encoder": tiny_text_encoder(tokenizer, 32),
+                    "text_encoder_2": tiny_text_encoder(tokenizer, 48, "gelu", projection_dim=32)}
+        # hidden states 32 + 48 concatenated; text_embeds (32) + 6 time ids x 8 sinusoidal features,
+        # as SDXL's 1280 + 6 x 256
+        unet_extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "cross_attention_dim": 80,
+                      "projection_class_embeddings_input_dim": 32 + 6 * 8, "use_linear_projection": True}
+    else:
+        encoders = {"text_encoder": tiny_text_encoder(tokenizer, 64, "gelu" if family == "sd2" else "quick_gelu")}
+        unet_extra = {"use_linear_projection": True} if family == "sd2" else {}
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
@@ -187,14 +274,25 @@ def tiny_components(tokenizer, resolution: int, seed: int) -> dict[str, Any]:
     unet = UNet2DConditionModel(
         sample_size=resolution // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        attention_head_dim=4, norm_num_groups=32,
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, norm_num_groups=32,
+        **({"cross_attention_dim": 64} | unet_extra),
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
         clip_sample=False, timestep_spacing="trailing",
     )
-    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
+    return encoders | {"vae": vae, "unet": unet, "scheduler": scheduler}
+
+
+def assemble_pipeline(family: str, tokenizer, parts: dict[str, Any]):
+    """The diffusers pipeline of `family` from components (the tokenizer shared by every encoder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tokenizer, force_zeros_for_empty_prompt=True,
+                                         **parts)
+    return StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False, **parts)
 
 
 def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 2e-3, kl_weight: float = 1e-4) -> dict:
@@ -226,21 +324,20 @@ def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: fl
     return {"vae_final_loss": float(loss.detach()), "vae_recon_mse": float(torch.nn.functional.mse_loss(recon, images[:256])), "latent_std": std}
 
 
-def build_tiny(out_dir: Path, images: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int) -> dict:
-    """builtin:tiny: tokenizer learned on the captions, VAE fitted on the images, random UNet."""
-    from diffusers import StableDiffusionPipeline
-
+def build_tiny(out_dir: Path, images: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int,
+               family: str = "sd1") -> dict:
+    """builtin:tiny (and tiny-sd2, tiny-xl): tokenizer learned on the captions, VAE fitted on the
+    images, random UNet and text encoder(s)."""
     tokenizer = train_clip_tokenizer(captions)
-    parts = tiny_components(tokenizer, images.shape[-1], seed)
+    parts = tiny_components(tokenizer, images.shape[-1], seed, family)
     report = fit_vae(parts["vae"], images, steps, batch, seed)
-    pipe = StableDiffusionPipeline(tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    assemble_pipeline(family, tokenizer, parts).save_pretrained(out_dir, safe_serialization=True)
     return report
 
 
 def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
     """builtin:sd15-arch: Stable Diffusion 1.5's architecture with random weights (benchmarks only)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -256,9 +353,43 @@ def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
     )
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's UNet
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    parts = {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler}
+    assemble_pipeline("sd1", tokenizer, parts).save_pretrained(out_dir, safe_serialization=True)
+    return {}
+
+
+def build_sdxl_arch(out_dir: Path, seed: int = 0) -> dict:
+    """builtin:sdxl-arch: SDXL 1.0 base's architecture with random weights (benchmarks only): the
+    UNet (2.6 B parameters, transformer depths 1/2/10), CLIP ViT-L and OpenCLIP ViT-bigG text
+    encoders, the SDXL VAE's shape (scaling 0.13025, run in fp32: force_upcast)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = train_clip_tokenizer(["a photo of a cat", "a painting of a dog"], max_length=77)
+    ids = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                num_attention_heads=12, hidden_act="quick_gelu", **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+        projection_dim=1280, **ids))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024, scaling_factor=0.13025,
+        force_upcast=True,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    unet = UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              steps_offset=1, timestep_spacing="leading")
+    parts = {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet,
+             "scheduler": scheduler}
+    assemble_pipeline("sdxl", tokenizer, parts).save_pretrained(out_dir, safe_serialization=True)
     return {}

@@ -27,8 +27,7 @@ from .config import Config
 from .fsutil import atomic_dir, read_json, write_json
 from .latents import validation_samples
 from .metrics import clip_score, digit_accuracy, validation_loss
-from .models import check_model_dir, latent_scaling
-from .models import load_sd_pipeline
+from .models import check_model_dir, latent_scaling, load_pipeline as load_family_pipeline
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be seen
@@ -41,7 +40,7 @@ def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None
     folder = Path(base_model or read_json(model_dir / "merge.json", "merge record")["base_model"]) if lora_only else model_dir
     check_model_dir(folder)
     # Validation images are judged unfiltered: the safety checker would black some out.
-    pipe = load_sd_pipeline(folder, dtype, safety_checker=None, requires_safety_checker=False)
+    pipe = load_family_pipeline(folder, dtype, unfiltered=True)
     if lora_only:
         pipe.load_lora_weights(model_dir, weight_name=LORA_FILE)
         pipe.scheduler.register_to_config(prediction_type=read_json(model_dir / "merge.json")["prediction_type"])
@@ -69,7 +68,10 @@ def generate(pipe, cfg: Config, jobs: list[tuple[int, int]], device: torch.devic
     out = {}
     for start in range(0, len(jobs), s.batch_size):
         chunk = jobs[start : start + s.batch_size]
-        images = pipe([s.prompts[pi] for pi, _ in chunk], negative_prompt=[s.negative_prompt] * len(chunk),
+        # No negative prompt: the pipeline's unconditional embedding, the null caption training used
+        # (the empty caption encoded; zeros for SDXL, whose pipeline zeroes only when it is None).
+        negative = [s.negative_prompt] * len(chunk) if s.negative_prompt else None
+        images = pipe([s.prompts[pi] for pi, _ in chunk], negative_prompt=negative,
                       generator=[torch.Generator(device).manual_seed(seed) for _, seed in chunk],
                       num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=size, width=size).images
         out.update(zip(chunk, images))

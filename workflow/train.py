@@ -36,7 +36,7 @@ from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
 from .latents import LatentStream
-from .models import add_lora, latent_scaling, load_noise_scheduler, load_unet, load_vae
+from .models import add_lora, added_conditions, latent_scaling, load_noise_scheduler, load_unet, load_vae
 from .profiling import StepProfiler, phase
 
 # The UNet's weight dtype (bf16-mixed: fp32 weights, DeepSpeed runs the forward under bf16 autocast).
@@ -65,8 +65,9 @@ def step_generator(seed: int, position: int, rank: int, device: torch.device) ->
     return g
 
 
-def diffusion_loss(engine, scheduler, batch: dict, null_text: torch.Tensor, cfg: Config, scaling: tuple[float, float],
-                   prediction_type: str, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def diffusion_loss(engine, scheduler, batch: dict, nulls: tuple[torch.Tensor, torch.Tensor | None], cfg: Config,
+                   scaling: tuple[float, float], prediction_type: str, gen: torch.Generator, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
     t = cfg.train
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     n, variants = batch["mean"].shape[:2]
@@ -78,10 +79,16 @@ def diffusion_loss(engine, scheduler, batch: dict, null_text: torch.Tensor, cfg:
     latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
     scale, shift = scaling
     latents = (latents - shift) * scale
-    # One of each sample's captions; a share replaced by the null caption (classifier-free guidance).
+    # One of each sample's captions; a share replaced by the null caption (classifier-free guidance):
+    # for SDXL the pooled embedding with it (see Family.null_caption), the size conditions kept.
     caption = (u[:, 1] * batch["n_texts"]).long().clamp(max=batch["texts"].shape[1] - 1)
-    text = batch["texts"][rows, caption].float()
-    text = torch.where((u[:, 2] < t.caption_dropout)[:, None, None], null_text.to(device), text)
+    dropped = u[:, 2] < t.caption_dropout
+    null_text, null_pooled = nulls
+    text = torch.where(dropped[:, None, None], null_text, batch["texts"][rows, caption].float())
+    pooled = None
+    if "pooled" in batch:
+        pooled = torch.where(dropped[:, None], null_pooled, batch["pooled"][rows, caption].float())
+    added = added_conditions(pooled, batch["size"][rows, variant], dtype)
 
     noise = torch.randn(latents.shape, generator=gen, device=device)
     if t.noise_offset:  # per-channel offsets let the model shift overall brightness
@@ -92,7 +99,7 @@ def diffusion_loss(engine, scheduler, batch: dict, null_text: torch.Tensor, cfg:
         noised_with = noise + t.input_perturbation * torch.randn(latents.shape, generator=gen, device=device)
     noisy = scheduler.add_noise(latents, noised_with, timesteps)
     target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
-    pred = engine(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype)).sample
+    pred = engine(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype), added_cond_kwargs=added).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if t.snr_gamma:
         per_sample = per_sample * min_snr_weights(scheduler.alphas_cumprod[timesteps], t.snr_gamma, prediction_type)
@@ -175,7 +182,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
 
     log = JsonlLog(run_dir / "log.jsonl", world.is_main, start_step)
     batches = stream.batches(position, t.micro_batch, pin=device.type == "cuda")
-    null_text = stream.null_text.to(device)
+    nulls = tuple(None if n is None else n.to(device) for n in (stream.null_text, stream.null_pooled))
     global_batch = t.micro_batch * t.grad_accum * world.size
     engine.train()
     started = window_start = time.time()
@@ -190,8 +197,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
                 batch = next(batches)
                 position = batch.pop("position")
             with phase("forward"):
-                loss = diffusion_loss(engine, scheduler, batch, null_text, cfg, scaling, prediction_type, gen, device,
-                                      dtype)
+                loss = diffusion_loss(engine, scheduler, batch, nulls, cfg, scaling, prediction_type, gen, device, dtype)
             with phase("loss_check"):
                 bad = world.any(not bool(torch.isfinite(loss)))
             if bad:
