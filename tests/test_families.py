@@ -191,7 +191,8 @@ def test_tiny_sd2_trains_merges_and_samples(built, tmp_path):
     stage (bug caught: the family's prediction type not reaching the merged scheduler)."""
     from diffusers import StableDiffusionPipeline
 
-    cfg = tiny_config("model.pretrained=builtin:tiny-sd2", "train.steps=2", "train.checkpoint_every=2")
+    cfg = tiny_config("model.pretrained=builtin:tiny-sd2", "train.steps=2", "train.checkpoint_every=2",
+                      "train.procs=1")
     model, latents, run = tmp_path / "model", tmp_path / "latents", tmp_path / "run"
     run_stage("fetch_model", cfg, "--data", str(built["data"]), "--out", str(model))
     assert family_of(model).name == "sd2"
