@@ -55,11 +55,15 @@ def bench_config(args: argparse.Namespace, root: Path) -> Config:
     return load_config_files(layers, fixed + args.set)
 
 
-def build_inputs(cfg: Config, root: Path, images: int) -> tuple[Path, Path, Path]:
-    """Prepared data, model folder and latent cache under `root` (kept between runs)."""
+def build_inputs(cfg: Config, root: Path, images: int, aspects: list[float] | None = None) -> tuple[Path, Path, Path]:
+    """Prepared data, model folder and latent cache under `root` (kept between runs); photos of
+    `cache.resolution`² pixels at each of `aspects` (width / height) in turn, or all (res+64) x res."""
     data, model, latents = root / "data", root / "model", root / "latents"
     if not (root / "jpegs").is_dir():
-        write_jpegs(root / "jpegs", images, (cfg.cache.resolution + 64, cfg.cache.resolution))
+        res = cfg.cache.resolution
+        sizes = [(res + 64, res)] if not aspects else [(round(res * a ** 0.5 / 8) * 8, round(res / a ** 0.5 / 8) * 8)
+                                                      for a in aspects]
+        write_jpegs(root / "jpegs", images, sizes)
     if not (data / "manifest.json").is_file():
         prepare(cfg, data)
     if not (model / "model_index.json").is_file():
@@ -83,8 +87,9 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     scheduler = load_noise_scheduler(model_dir)
     alphas = scheduler.alphas_cumprod.to(device)
     scale, shift = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, t.seed).batches(0, t.micro_batch)
-    resident = [{k: v.to(device) for k, v in next(stream).items() if k != "position"} for _ in range(4)]
+    stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch).batches(0, t.micro_batch)
+    # 8 micro-batches cycled (with buckets: of several sizes, as the stage draws them)
+    resident = [{k: v.to(device) for k, v in next(stream).items() if k != "position"} for _ in range(8)]
     amp = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
 
     def step(batch: dict) -> None:
@@ -201,6 +206,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
     ap.add_argument("--log-every", type=int, default=5)
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts for the train stage")
+    ap.add_argument("--aspects", default="", help="photo aspect ratios W:H in turn, e.g. 3:2,2:3,1:1 (with --set "
+                    "cache.buckets=auto: a bucketed run); default: all (resolution+64) x resolution")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--workdir", default=None, help="kept between runs (model, data, latents)")
     ap.add_argument("--label", default="")
@@ -216,7 +223,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     cfg = bench_config(args, root)
     started = time.time()
-    data, model, latents = build_inputs(cfg, root, args.images)
+    aspects = [float(a.split(":")[0]) / float(a.split(":")[1]) for a in args.aspects.split(",")] if args.aspects else None
+    data, model, latents = build_inputs(cfg, root, args.images, aspects)
     setup_s = round(time.time() - started, 1)
     progress("setup_s", setup_s)
     # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less.
@@ -225,7 +233,7 @@ def main() -> None:
     gpu_counts = [int(g) for g in args.gpus.split(",")]
     result = {"bench": "train", "label": args.label,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-              "model": args.model, "resolution": args.resolution, "overrides": args.set,
+              "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
                                                              "offload_optimizer", "compile",
                                                              "gradient_checkpointing", "mode")},

@@ -37,8 +37,9 @@ import torch
 from .cli import run, stage_main
 from .config import Config
 from .fsutil import read_json, sha256_file, sha256_json, sha256_tree, write_json
+from .buckets import nearest_bucket, resolve_buckets, size_name
 from .families import family_of
-from .imaging import decode_image, resize_crop_at
+from .imaging import decode_image, image_size, resize_crop_at
 from .models import PromptEncoder, check_model_dir, load_vae
 from .shards import AtomicTar, iter_shard, npy_bytes
 
@@ -54,6 +55,7 @@ def cache_fingerprint(cfg: Config, model_dir: Path, data_dir: Path) -> dict[str,
         parts |= {name: sha256_tree(model_dir / name) for name in (layout.folder, layout.tokenizer)}
     parts |= {
         "resolution": str(cfg.cache.resolution),
+        "buckets": ",".join(map(size_name, bucket_sizes(cfg, model_dir) or [])) or "none",
         "crop": "center" if cfg.cache.center_crop else f"random(seed={cfg.train.seed})",
         "flip": str(cfg.cache.random_flip),
         "dtype": STORE_DTYPE,
@@ -62,6 +64,11 @@ def cache_fingerprint(cfg: Config, model_dir: Path, data_dir: Path) -> dict[str,
     }
     parts["all"] = sha256_json(parts)
     return parts
+
+
+def bucket_sizes(cfg: Config, model_dir: Path) -> list[tuple[int, int]] | None:
+    """cache.buckets resolved for this model: (width, height) sizes, or None for square crops."""
+    return resolve_buckets(cfg.cache.buckets, cfg.cache.resolution, cfg.cache.max_aspect, model_dir)
 
 
 def fingerprint_mismatch(expected: dict[str, str], found: dict[str, str]) -> list[str]:
@@ -149,32 +156,38 @@ def crop_for(cfg: Config, key: str) -> np.random.Generator | None:
     return None if cfg.cache.center_crop else np.random.default_rng([cfg.train.seed, int(key)])
 
 
-def decoded_batches(cfg: Config, src: Path, workers: int) -> Iterator[tuple[list[dict], np.ndarray, np.ndarray]]:
-    """(samples, uint8 pixels (N, H, W, 3), size conditions (N, 2, 6)) per batch. Decode + resize +
-    crop run in threads (PIL releases the GIL) a few batches ahead, so they overlap with the encoder
+def decoded_batches(cfg: Config, src: Path, workers: int, sizes: list[tuple[int, int]] | None = None
+                    ) -> Iterator[tuple[list[dict], np.ndarray, np.ndarray, int]]:
+    """(samples, uint8 pixels (N, H, W, 3), size conditions (N, 2, 6), bucket index) per batch; every
+    batch is of one bucket (`sizes`; default the cache.resolution square). Decode + resize + crop
+    run in threads (PIL releases the GIL) a few batches ahead, so they overlap with the encoder
     instead of adding to it."""
-    def load(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-        img, sizes = resize_crop_at(decode_image(sample), cfg.cache.resolution, crop_for(cfg, sample["__key__"]))
-        return np.asarray(img, dtype=np.uint8), sizes
+    sizes = sizes or [(cfg.cache.resolution, cfg.cache.resolution)]
 
-    def stacked(done: list[dict], futures: list) -> tuple[list[dict], np.ndarray, np.ndarray]:
-        loaded = [f.result() for f in futures]
-        return done, np.stack([px for px, _ in loaded]), np.stack([sz for _, sz in loaded])
+    def load(sample: dict, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+        img, conds = resize_crop_at(decode_image(sample), sizes[bucket], crop_for(cfg, sample["__key__"]))
+        return np.asarray(img, dtype=np.uint8), conds
 
-    def chunks() -> Iterator[list[dict]]:
-        batch: list[dict] = []
+    def chunks() -> Iterator[tuple[int, list[dict]]]:
+        # One open batch per bucket (bounded memory); each leaves when full, the rest at the end.
+        open_batches: dict[int, list[dict]] = {}
         for sample in iter_shard(src):
+            bucket = nearest_bucket(*image_size(sample), sizes) if len(sizes) > 1 else 0
+            batch = open_batches.setdefault(bucket, [])
             batch.append(sample)
             if len(batch) == cfg.cache.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+                yield bucket, open_batches.pop(bucket)
+        for bucket in sorted(open_batches):
+            yield bucket, open_batches[bucket]
+
+    def stacked(done: list[dict], bucket: int, futures: list) -> tuple[list[dict], np.ndarray, np.ndarray, int]:
+        loaded = [f.result() for f in futures]
+        return done, np.stack([px for px, _ in loaded]), np.stack([sz for _, sz in loaded]), bucket
 
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
-        for batch in chunks():
-            pending.append((batch, [pool.submit(load, s) for s in batch]))
+        for bucket, batch in chunks():
+            pending.append((batch, bucket, [pool.submit(load, s, bucket) for s in batch]))
             if len(pending) > 2:
                 yield stacked(*pending.popleft())
         while pending:
@@ -205,8 +218,10 @@ def write_batch(tar: AtomicTar, src: Path, batch: list[dict], metas: list[dict],
 DECODE_THREADS = min(8, len(os.sched_getaffinity(0)))
 
 
-def cache_shard(enc: LatentEncoder, cfg: Config, src: Path, dest: Path, workers: int = DECODE_THREADS) -> dict[str, Any]:
-    """Encode one prepared shard into one latent shard (written atomically). While the device
+def cache_shard(enc: LatentEncoder, cfg: Config, src: Path, dest: Path, workers: int = DECODE_THREADS,
+                sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Encode one prepared shard into one latent shard (written atomically); with buckets (`sizes`)
+    the info lists each stored sample's bucket (`bucket_of`, in stored order). While the device
     encodes batch k, this thread collects batch k-1 and a writer thread serializes it; decoding
     runs ahead in its own threads."""
     def collect(item) -> None:
@@ -216,19 +231,21 @@ def cache_shard(enc: LatentEncoder, cfg: Config, src: Path, dest: Path, workers:
             writes.pop(0).result()  # bounded memory; re-raises a write error here
 
     writes: list = []
+    bucket_of: list[int] = []
     with AtomicTar(dest) as tar, ThreadPoolExecutor(1) as writer:
         previous = None
-        for batch, pixels, sizes in decoded_batches(cfg, src, workers):
+        for batch, pixels, conds, bucket in decoded_batches(cfg, src, workers, sizes):
             metas = [json.loads(s["json"]) for s in batch]
             pending = enc.submit(pixels, cfg.cache.random_flip, [c for m in metas for c in m["captions"]])
+            bucket_of += [bucket] * len(batch)  # the writer keeps batch order
             if previous is not None:
                 collect(previous)
-            previous = (batch, pending, metas, sizes)
+            previous = (batch, pending, metas, conds)
         if previous is not None:
             collect(previous)
         for w in writes:
             w.result()
-    return tar.info
+    return tar.info | ({"bucket_of": bucket_of} if sizes else {})
 
 
 def finished_shard(out_dir: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
@@ -238,14 +255,14 @@ def finished_shard(out_dir: Path, name: str, fingerprint: str) -> dict[str, Any]
     done = read_json(sidecar)
     if done.get("fingerprint") != fingerprint or sha256_file(out_dir / name) != done.get("sha256"):
         return None
-    return {k: done[k] for k in ("name", "count", "sha256")}
+    return {k: done[k] for k in ("name", "count", "sha256", "bucket_of") if k in done}
 
 
 # One encoder per worker process, loaded once by the pool initializer.
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_dir: str, procs: int) -> None:
+def _init_worker(model_dir: str, procs: int, sizes: list[tuple[int, int]] | None) -> None:
     index = (mp.current_process()._identity or (1,))[0] - 1
     if torch.cuda.is_available():
         device = torch.device("cuda", index % torch.cuda.device_count())
@@ -254,10 +271,12 @@ def _init_worker(model_dir: str, procs: int) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // procs))
     _WORKER["enc"] = LatentEncoder(Path(model_dir), device)
+    _WORKER["sizes"] = sizes
 
 
 def _cache_one(cfg_json: str, src: str, dest: str, fingerprint: str) -> dict[str, Any]:
-    info = cache_shard(_WORKER["enc"], Config.model_validate_json(cfg_json), Path(src), Path(dest))
+    info = cache_shard(_WORKER["enc"], Config.model_validate_json(cfg_json), Path(src), Path(dest),
+                       sizes=_WORKER["sizes"])
     write_json(Path(dest).parent / f"{info['name']}.json", info | {"fingerprint": fingerprint})
     return info
 
@@ -271,6 +290,7 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
 
     started = time.time()
     data_manifest = read_json(data_dir / "manifest.json", "data manifest")
+    sizes = bucket_sizes(cfg, model_dir)
     fingerprint = cache_fingerprint(cfg, model_dir, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)
@@ -282,7 +302,7 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
     bar = tqdm(total=sum(s["count"] for s in todo), unit="img", desc="cache", mininterval=5)
     args = [(cfg.model_dump_json(), str(data_dir / s["name"]), str(out_dir / s["name"]), fingerprint["all"]) for s in todo]
     if procs == 1:
-        _init_worker(str(model_dir), 1)
+        _init_worker(str(model_dir), 1, sizes)
         for a in args:
             info = _cache_one(*a)
             done[info["name"]] = info
@@ -290,7 +310,7 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
     elif args:
         # spawn: CUDA and forked parents do not mix; each worker loads the models once.
         with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(str(model_dir), procs)) as pool:
+                                 initargs=(str(model_dir), procs, sizes)) as pool:
             for fut in as_completed([pool.submit(_cache_one, *a) for a in args]):
                 info = fut.result()
                 done[info["name"]] = info
@@ -306,12 +326,17 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
         np.save(out_dir / "null_pooled.npy", null_pooled)
     shards = [done[s["name"]] for s in data_manifest["shards"]]
     count = sum(s["count"] for s in shards)
-    latent_hw = cfg.cache.resolution // (2 ** (len(enc.vae.config.block_out_channels) - 1))
+    factor = 2 ** (len(enc.vae.config.block_out_channels) - 1)
+    channels = enc.vae.config.latent_channels
     seconds = time.time() - started
     manifest = {
         "count": count, "shards": shards, "fingerprint": fingerprint, "dtype": STORE_DTYPE,
         "variants": 2 if cfg.cache.random_flip else 1,
-        "latent_shape": [enc.vae.config.latent_channels, latent_hw, latent_hw], "text_shape": list(null_text.shape),
+        "latent_shape": None if sizes else [channels, cfg.cache.resolution // factor, cfg.cache.resolution // factor],
+        "buckets": None if not sizes else [
+            {"size": list(size), "latent_shape": [channels, size[1] // factor, size[0] // factor],
+             "count": sum(s["bucket_of"].count(i) for s in shards)} for i, size in enumerate(sizes)],
+        "text_shape": list(null_text.shape),
         "pooled_shape": None if null_pooled is None else list(null_pooled.shape), "family": family_of(model_dir).name,
         "skipped": data_manifest.get("skipped", []), "reused_shards": len(shards) - len(todo), "procs": procs,
         "seconds": round(seconds, 1), "images_per_s": round(sum(s["count"] for s in todo) / max(seconds, 1e-9), 1),

@@ -7,6 +7,7 @@ key's dotted name and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -72,6 +73,23 @@ class CacheConfig(Section):
     resolution: int = Field(32, ge=8, description="images are resized + cropped to this square size")
     center_crop: bool = Field(True, description="center crop; false: a random crop drawn once per sample from train.seed")
     random_flip: bool = Field(False, description="also cache the horizontally flipped image; training picks one")
+    buckets: Literal["auto"] | list[str] | None = Field(
+        None, description="aspect-ratio buckets: null (square crops), auto (about resolution² pixels, sides on the "
+        "model's latent step, aspect up to max_aspect) or a list of WxH sizes, e.g. [512x768, 768x512, 640x640]")
+    max_aspect: float = Field(2.0, ge=1.0, description="the widest aspect ratio (long side / short side) of auto buckets")
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_sizes(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list: use null for no buckets")
+            for size in v:
+                if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
+                    raise ValueError(f"{size!r} is not a size: write WIDTHxHEIGHT, e.g. 768x512")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{v} lists a size twice")
+        return v
     procs: int = Field(1, ge=1, description="caching processes on a machine without GPUs; with GPUs: one per GPU")
     batch_size: int = Field(64, ge=1, description="images per VAE forward")
 
@@ -236,7 +254,22 @@ class SampleConfig(Section):
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance_scale: float = Field(4.0, ge=0)
     scheduler: Literal["ddim", "dpm++", "euler", "pndm"] = Field("ddim", description="dpm++: DPM-Solver++ multistep")
-    resolution: int | None = Field(None, ge=8, description="image size; null: cache.resolution")
+    resolution: int | str | list[int | str] | None = Field(
+        None, description="image size(s): a side (square), WxH, or a list of them (each prompt x seed at each size); "
+        "null: cache.resolution")
+
+    @field_validator("resolution")
+    @classmethod
+    def _sample_sizes(cls, v):
+        for size in v if isinstance(v, list) else [] if v is None else [v]:
+            if isinstance(size, int) and size < 8 or isinstance(size, str) and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
+                raise ValueError(f"{size!r} is not a size: a side of 8 or more, or WIDTHxHEIGHT such as 768x512")
+        return v
+
+    def sizes(self, default: int) -> list[tuple[int, int]]:
+        """The (width, height) sizes to sample at."""
+        values = self.resolution if isinstance(self.resolution, list) else [self.resolution or default]
+        return [(v, v) if isinstance(v, int) else tuple(int(x) for x in v.split("x")) for v in values]
     batch_size: int = Field(50, ge=1, description="images per pipeline call")
     compare_base: bool = Field(False, description="also sample the base model, shown beside the fine-tuned one")
     checkpoints: list[int | Literal["last"]] = Field(default_factory=list, description="training steps to sample "
@@ -316,7 +349,14 @@ class Config(Section):
 
     @property
     def encoder_key(self) -> str:
-        return f"{self.model_name}_{self.cache.resolution}px"
+        """The latent cache's folder name: model, resolution and buckets (a list by a short hash)."""
+        key = f"{self.model_name}_{self.cache.resolution}px"
+        buckets = self.cache.buckets
+        if buckets == "auto":
+            return f"{key}_auto{self.cache.max_aspect:g}"
+        if buckets:
+            return f"{key}_b" + hashlib.sha256(",".join(buckets).encode()).hexdigest()[:8]
+        return key
 
 
 def slug(source: str) -> str:

@@ -18,24 +18,34 @@ def decode_image(sample: dict) -> Image.Image:
     raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
 
 
+def image_size(sample: dict) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels."""
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return Image.open(io.BytesIO(sample[key])).size
+    raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
+
+
 def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:
-    return resize_crop_at(img, size, rng)[0]
+    return resize_crop_at(img, (size, size), rng)[0]
 
 
-def resize_crop_at(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> tuple[Image.Image, np.ndarray]:
-    """Resize the short side to `size` (high-quality downsampling), then crop a square: the
-    center, or where `rng` puts it (random crops are drawn once, at cache time). Returns the crop
-    and its size conditions (see size_conditions)."""
+def resize_crop_at(img: Image.Image, size: tuple[int, int], rng: np.random.Generator | None = None
+                   ) -> tuple[Image.Image, np.ndarray]:
+    """Resize to cover `size` (width, height) with high-quality downsampling (for a square: the
+    short side to its side), then crop it: the center, or where `rng` puts it (random crops are
+    drawn once, at cache time). Returns the crop and its size conditions (see size_conditions)."""
+    tw, th = size
     original = img.size
     w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+    scale = max(tw / w, th / h)
+    img = img.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
     w, h = img.size
     if rng is None:
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     else:
-        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    return img.crop((left, top, left + size, top + size)), size_conditions(original, (w, h), (left, top), (size, size))
+        left, top = int(rng.integers(0, w - tw + 1)), int(rng.integers(0, h - th + 1))
+    return img.crop((left, top, left + tw, top + th)), size_conditions(original, (w, h), (left, top), (tw, th))
 
 
 def size_conditions(original_wh: tuple[int, int], resized_wh: tuple[int, int], left_top: tuple[int, int],

@@ -8,14 +8,24 @@ epoch's order differs), so ranks never share a sample within an epoch, each read
 of the shards, and all ranks have epochs of the same length: none runs dry before another, whether
 or not W divides the shard count. A rank's position in its stream is a sample count, so a
 checkpoint resumes it exactly: no iterator state.
+
+With aspect-ratio buckets (a cache with more than one bucket), every micro-batch comes from one
+bucket and holds exactly `micro_batch` samples: a rank walks its block of the epoch order and puts
+each sample into its bucket's open batch, which leaves when full. What is left in the open
+batches at the end of the epoch (fewer than `micro_batch` per bucket and rank) sits out that
+epoch and is counted (`left_out`); the next epoch's order differs, so other samples sit out. The
+plan of an epoch is computed from the manifest alone (each shard's `bucket_of`), so the position is
+a count of micro-batches and resuming is exact as without buckets.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import queue
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
@@ -80,7 +90,7 @@ def read_verified_shard(latent_dir: Path, shard: dict) -> list[dict]:
 
 class LatentStream:
     def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int = 0,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, micro_batch: int = 1):
         self.dir = Path(latent_dir)
         self.manifest = read_json(self.dir / "manifest.json", "latent cache manifest")
         self.shards = self.manifest["shards"]
@@ -97,9 +107,91 @@ class LatentStream:
         pooled = self.dir / "null_pooled.npy"
         self.null_pooled = torch.from_numpy(np.load(pooled)).float() if pooled.is_file() else None
         self._loaded: tuple[tuple[int, int], list[dict]] | None = None
+        self.micro_batch = micro_batch
+        self.bucketed = len(self.manifest.get("buckets") or []) > 1
+        self._plans: dict[int, tuple[list[list[tuple[int, int]]], int]] = {}  # the last few epochs'
+        self._batch_ends: list[int] = []  # cumulative micro-batches at the end of each epoch planned
+        self._raw: OrderedDict[int, list[dict] | None] = OrderedDict()  # a few shards' raw samples
 
     def epoch_and_offset(self, position: int) -> tuple[int, int]:
-        return divmod(position, self.per_rank)
+        """(epoch, offset in it) of a stream position: samples, or with buckets micro-batches."""
+        if not self.bucketed:
+            return divmod(position, self.per_rank)
+        while not self._batch_ends or self._batch_ends[-1] <= position:  # each epoch planned once
+            self._batch_ends.append((self._batch_ends[-1] if self._batch_ends else 0) + len(self.plan(len(self._batch_ends))[0]))
+        epoch = bisect.bisect_right(self._batch_ends, position)
+        return epoch, position - (self._batch_ends[epoch - 1] if epoch else 0)
+
+    # ------------------------------------------------------------ buckets
+
+    def _block(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard index, stored index) of this rank's samples of `epoch`, in the epoch's order."""
+        start, end = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
+        out: list[tuple[int, int]] = []
+        shard_start = 0
+        for shard_index in self._epoch_order(epoch):
+            n = self.counts[shard_index]
+            lo, hi = max(start, shard_start), min(end, shard_start + n)
+            if lo < hi:
+                kept = [i for i in range(int(self.shards[shard_index]["count"])) if i not in self.held_out[shard_index]]
+                order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(kept))
+                out += [(int(shard_index), kept[order[k - shard_start]]) for k in range(lo, hi)]
+            shard_start += n
+            if shard_start >= end:
+                break
+        return out
+
+    def plan(self, epoch: int) -> tuple[list[list[tuple[int, int]]], int]:
+        """This rank's micro-batches of `epoch` (each a list of (shard index, stored index), one
+        bucket, exactly micro_batch long) and how many of its samples sit out the epoch."""
+        if epoch not in self._plans:
+            open_batches: dict[int, list[tuple[int, int]]] = {}
+            batches = []
+            for shard_index, i in self._block(epoch):
+                bucket = self.shards[shard_index]["bucket_of"][i]
+                batch = open_batches.setdefault(bucket, [])
+                batch.append((shard_index, i))
+                if len(batch) == self.micro_batch:
+                    batches.append(open_batches.pop(bucket))
+            if not batches:
+                counts = {self.manifest["buckets"][b]["size"][0]: len(v) for b, v in open_batches.items()}
+                raise ValueError(f"no bucket gives rank {self.rank} a full micro-batch of {self.micro_batch} in epoch "
+                                 f"{epoch} ({self.per_rank} samples per rank over buckets {counts}): lower "
+                                 f"train.micro_batch or use fewer cache.buckets")
+            self._plans = {epoch: (batches, sum(map(len, open_batches.values())))} | dict(list(self._plans.items())[-3:])
+        return self._plans[epoch]
+
+    def left_out(self, epoch: int) -> int:
+        return self.plan(epoch)[1] if self.bucketed else 0
+
+    def _raw_samples(self, shard_index: int) -> list[dict] | None:
+        """A shard's raw samples in stored order (the last few shards read are kept); None for a
+        corrupt shard under skip_corrupt."""
+        if shard_index not in self._raw:
+            shard = self.shards[shard_index]
+            try:
+                self._raw[shard_index] = read_verified_shard(self.dir, shard)
+            except CorruptShard as e:
+                if not self.skip_corrupt:
+                    raise
+                self.corrupt[shard["name"]] = str(e)
+                self._raw[shard_index] = None
+            while len(self._raw) > 4:
+                self._raw.popitem(last=False)
+        self._raw.move_to_end(shard_index)
+        return self._raw[shard_index]
+
+    def _bucketed_batches(self, position: int) -> Iterator[tuple[int, list[dict]]]:
+        """(position after it, decoded samples) of each micro-batch from batch `position` on; a batch
+        with a sample of a skipped corrupt shard is passed over but counts in the position."""
+        epoch, offset = self.epoch_and_offset(position)
+        while True:
+            for batch in self.plan(epoch)[0][offset:]:
+                position += 1
+                shards = [self._raw_samples(shard) for shard, _ in batch]
+                if all(raw is not None for raw in shards):
+                    yield position, [decode_latent_sample(raw[i]) for raw, (_, i) in zip(shards, batch)]
+            epoch, offset = epoch + 1, 0
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
@@ -160,6 +252,12 @@ class LatentStream:
         `prefetch` batches ahead (pinned for an asynchronous copy to the GPU when `pin`). Each batch
         carries `position`: where the stream stands after it."""
         def produce() -> Iterator[dict]:
+            if self.bucketed:
+                if micro_batch != self.micro_batch:
+                    raise ValueError(f"this bucketed stream plans micro-batches of {self.micro_batch}, not {micro_batch}")
+                for after, samples in self._bucketed_batches(position):
+                    batch = collate(samples)
+                    yield ({k: v.pin_memory() for k, v in batch.items()} if pin else batch) | {"position": after}
             stream = self.positioned_samples(position)
             while True:
                 taken = [next(stream) for _ in range(micro_batch)]

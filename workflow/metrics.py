@@ -28,9 +28,16 @@ from .models import added_conditions
 DIGIT_PROMPT = re.compile(r"\bhandwritten digit (\d)\b")
 
 
+def center_square(im: Image.Image) -> Image.Image:
+    w, h = im.size
+    side = min(w, h)
+    return im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+
+
 def digit_features(images: list[Image.Image]) -> np.ndarray:
-    """Dark-on-white RGB images -> sklearn-digits-like 8x8 ink intensities (0..16)."""
-    gray = [np.asarray(im.convert("L").resize((8, 8), Image.BOX), dtype=np.float32) for im in images]
+    """Dark-on-white RGB images -> sklearn-digits-like 8x8 ink intensities (0..16), from the
+    center square of non-square images (builtin:digits-aspect centers each digit on its canvas)."""
+    gray = [np.asarray(center_square(im).convert("L").resize((8, 8), Image.BOX), dtype=np.float32) for im in images]
     return np.stack([(255.0 - g) * 16.0 / 255.0 for g in gray]).reshape(len(images), -1)
 
 
@@ -88,14 +95,16 @@ def validation_loss(unet, scheduler, samples: list[dict], prediction_type: str, 
     total_t = scheduler.config.num_train_timesteps
     ts = ((torch.arange(timesteps) + 0.5) * total_t / timesteps).long()
     scale, shift = scaling
-    cases = [(i, t) for i in range(len(samples)) for t in ts.tolist()]
+    by_shape: dict[tuple, list[tuple[int, int]]] = {}  # a batch holds one bucket's size
+    for i in range(len(samples)):
+        by_shape.setdefault(tuple(samples[i]["mean"].shape), []).extend((i, t) for t in ts.tolist())
     noise = {i: torch.randn(samples[i]["mean"].shape[1:], generator=torch.Generator().manual_seed(i))
              for i in range(len(samples))}
     alphas = scheduler.alphas_cumprod
     dtype = next(unet.parameters()).dtype
     losses = []
-    for start in range(0, len(cases), batch):
-        chunk = cases[start : start + batch]
+    chunks = [cases[start : start + batch] for cases in by_shape.values() for start in range(0, len(cases), batch)]
+    for chunk in chunks:
         latents = torch.stack([(samples[i]["mean"][0].float() - shift) * scale for i, _ in chunk])
         eps = torch.stack([noise[i] for i, _ in chunk])
         text = torch.stack([samples[i]["text"][0].float() for i, _ in chunk])

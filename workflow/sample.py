@@ -61,27 +61,40 @@ def set_scheduler(pipe, name: str) -> None:
     }[name]()
 
 
-def generate(pipe, cfg: Config, jobs: list[tuple[int, int]], device: torch.device) -> dict[tuple[int, int], Image.Image]:
-    """Images for (prompt index, seed) jobs, batched; each with a generator of its own seed."""
+Job = tuple[int, int, tuple[int, int]]  # (prompt index, seed, (width, height))
+
+
+def generate(pipe, cfg: Config, jobs: list[Job], device: torch.device) -> dict[Job, Image.Image]:
+    """Images for (prompt index, seed, size) jobs, batched per size; each with a generator of its
+    own seed. SDXL pipelines condition on the size too (original = target size, no crop)."""
     s = cfg.sample
-    size = s.resolution or cfg.cache.resolution
     out = {}
-    for start in range(0, len(jobs), s.batch_size):
-        chunk = jobs[start : start + s.batch_size]
-        # No negative prompt: the pipeline's unconditional embedding, the null caption training used
-        # (the empty caption encoded; zeros for SDXL, whose pipeline zeroes only when it is None).
-        negative = [s.negative_prompt] * len(chunk) if s.negative_prompt else None
-        images = pipe([s.prompts[pi] for pi, _ in chunk], negative_prompt=negative,
-                      generator=[torch.Generator(device).manual_seed(seed) for _, seed in chunk],
-                      num_inference_steps=s.steps, guidance_scale=s.guidance_scale, height=size, width=size).images
-        out.update(zip(chunk, images))
+    for size in dict.fromkeys(job[2] for job in jobs):
+        of_size = [job for job in jobs if job[2] == size]
+        for start in range(0, len(of_size), s.batch_size):
+            chunk = of_size[start : start + s.batch_size]
+            # No negative prompt: the pipeline's unconditional embedding, the null caption training used
+            # (the empty caption encoded; zeros for SDXL, whose pipeline zeroes only when it is None).
+            negative = [s.negative_prompt] * len(chunk) if s.negative_prompt else None
+            images = pipe([s.prompts[pi] for pi, _, _ in chunk], negative_prompt=negative,
+                          generator=[torch.Generator(device).manual_seed(seed) for _, seed, _ in chunk],
+                          num_inference_steps=s.steps, guidance_scale=s.guidance_scale, width=size[0],
+                          height=size[1]).images
+            out.update(zip(chunk, images))
     return out
 
 
+def image_name(job: Job, several_sizes: bool) -> str:
+    pi, seed, (w, h) = job
+    return f"p{pi:03d}_s{seed}" + (f"_{w}x{h}" if several_sizes else "") + ".png"
+
+
 def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
-    """Images in rows and columns, labelled on the left and on top."""
-    w, h = rows[0][0].size
-    scale = max(1, -(-MIN_CELL // min(w, h)))
+    """Images in rows and columns, labelled on the left and on top; images of other sizes (aspect
+    ratios) are centered in cells of the largest size."""
+    w = max(im.size[0] for row in rows for im in row)
+    h = max(im.size[1] for row in rows for im in row)
+    scale = max(1, -(-MIN_CELL // min(min(im.size) for row in rows for im in row)))
     cw, ch = w * scale, h * scale
     font = ImageFont.load_default()
     label_w, header_h = 200, 20
@@ -93,7 +106,9 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: 
         draw.text((4, header_h + r * ch + ch // 2 - 6), label if len(label) <= 30 else label[:29] + "…",
                   fill="black", font=font)
         for c, im in enumerate(images):
-            grid.paste(im.resize((cw, ch), Image.NEAREST), (label_w + c * cw, header_h + r * ch))
+            iw, ih = im.size[0] * scale, im.size[1] * scale
+            grid.paste(im.resize((iw, ih), Image.NEAREST),
+                       (label_w + c * cw + (cw - iw) // 2, header_h + r * ch + (ch - ih) // 2))
     return grid
 
 
@@ -123,18 +138,26 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     s = cfg.sample
     pipe = load_pipeline(model_dir, device, base_model)
     set_scheduler(pipe, s.scheduler)
-    jobs = [(pi, seed) for pi in range(len(s.prompts)) for seed in s.seeds]
+    sizes = s.sizes(cfg.cache.resolution)
+    jobs = [(pi, seed, size) for pi in range(len(s.prompts)) for size in sizes for seed in s.seeds]
     images = generate(pipe, cfg, jobs, device)
     validate = Validator(cfg, latent_dir, base_model, pipe.scheduler.config.prediction_type)
     metrics = {"images": len(images), "prompts": len(s.prompts), "seeds": s.seeds, "steps": s.steps,
                "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
-               "scheduler": type(pipe.scheduler).__name__, "resolution": s.resolution or cfg.cache.resolution,
+               "scheduler": type(pipe.scheduler).__name__, "sizes": [f"{w}x{h}" for w, h in sizes],
                "model": str(model_dir), "val_loss": validate(pipe.unet, device), "val_samples": len(validate.samples),
                "val_timesteps": s.val_timesteps}
-    metrics |= digit_accuracy([images[j] for j in jobs], [s.prompts[pi] for pi, _ in jobs]) or {}
-    metrics |= clip_score([images[j] for j in jobs], [s.prompts[pi] for pi, _ in jobs], s.clip_model, device)
-    rows = [[images[(pi, seed)] for seed in s.seeds] for pi in range(len(s.prompts))]
-    columns = [f"seed {seed}" for seed in s.seeds]
+    prompts = [s.prompts[pi] for pi, _, _ in jobs]
+    metrics |= digit_accuracy([images[j] for j in jobs], prompts) or {}
+    if len(sizes) > 1:
+        metrics["digit_accuracy_per_size"] = {
+            f"{w}x{h}": (digit_accuracy([images[j] for j in jobs if j[2] == (w, h)],
+                                        [s.prompts[j[0]] for j in jobs if j[2] == (w, h)]) or {}).get("digit_accuracy")
+            for w, h in sizes}
+    metrics |= clip_score([images[j] for j in jobs], prompts, s.clip_model, device)
+    row_jobs = [[j for j in jobs if j[0] == pi] for pi in range(len(s.prompts))]  # sizes x seeds, in order
+    rows = [[images[j] for j in row] for row in row_jobs]
+    columns = [f"seed {seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
 
     base_images = {}
     if s.compare_base:
@@ -142,9 +165,9 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         set_scheduler(base, s.scheduler)
         base_images = generate(base, cfg, jobs, device)
         metrics["base"] = {"val_loss": validate(base.unet, device),
-                           **(digit_accuracy([base_images[j] for j in jobs], [s.prompts[pi] for pi, _ in jobs]) or {})}
-        rows = [row + [base_images[(pi, seed)] for seed in s.seeds] for pi, row in enumerate(rows)]
-        columns += [f"base s{seed}" for seed in s.seeds]
+                           **(digit_accuracy([base_images[j] for j in jobs], prompts) or {})}
+        rows = [row + [base_images[j] for j in row_job] for row, row_job in zip(rows, row_jobs)]
+        columns += [f"base s{seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
         del base
 
     checkpoint_grid = None
@@ -153,12 +176,12 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     metrics["seconds"] = round(time.time() - started, 1)
 
     with atomic_dir(out) as tmp:
-        for (pi, seed), im in images.items():
-            im.save(tmp / f"p{pi:03d}_s{seed}.png")
+        for job, im in images.items():
+            im.save(tmp / image_name(job, len(sizes) > 1))
         if base_images:
             (tmp / "base").mkdir()
-            for (pi, seed), im in base_images.items():
-                im.save(tmp / "base" / f"p{pi:03d}_s{seed}.png")
+            for job, im in base_images.items():
+                im.save(tmp / "base" / image_name(job, len(sizes) > 1))
         make_grid(rows, s.prompts, columns).save(tmp / "grid.png")
         if checkpoint_grid:
             checkpoint_grid.save(tmp / "checkpoints.png")
@@ -188,7 +211,7 @@ def sample_checkpoints(cfg: Config, pipe, run_dir: Path, base_model: Path, valid
 
     s = cfg.sample
     final, steps = sampled_checkpoints(cfg, run_dir)
-    jobs = [(pi, s.seeds[0]) for pi in range(len(s.prompts))]
+    jobs = [(pi, s.seeds[0], s.sizes(cfg.cache.resolution)[0]) for pi in range(len(s.prompts))]
     rows, labels, losses = [], [], {}
     merged_unet = pipe.unet
     for step in steps:

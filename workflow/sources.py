@@ -1,6 +1,8 @@
 """Data sources for `prepare`: each yields normalized samples (image bytes + captions).
 
   builtin:digits       scikit-learn's 1797 handwritten digits, upscaled, "a handwritten digit N"
+  builtin:digits-aspect  the same digits centered on non-square canvases, alternately 72x48 (wide)
+                       and 48x72 (tall), for aspect-ratio buckets
   imagefolder:<dir>    images in <dir> (nested folders too) captioned by metadata.jsonl or
                        metadata.csv (`file_name` + caption column, the diffusers convention) or by
                        a kohya-style `<stem>.txt` beside each image
@@ -103,16 +105,30 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+ASPECT_CANVASES = ((72, 48), (48, 72))  # builtin:digits-aspect, alternately; the digit is 48x48
+
+
+def on_canvas(digit: Image.Image, size: tuple[int, int]) -> Image.Image:
+    canvas = Image.new("RGB", size, "white")
+    canvas.paste(digit, ((size[0] - digit.size[0]) // 2, (size[1] - digit.size[1]) // 2))
+    return canvas
+
+
 def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, Any]]:
-    if name != "digits":
-        raise ValueError(f"data.source: unknown builtin data set {name!r}; available: builtin:digits")
+    if name not in ("digits", "digits-aspect"):
+        raise ValueError(f"data.source: unknown builtin data set {name!r}; available: builtin:digits, "
+                         f"builtin:digits-aspect")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     for i, (pixels, label) in enumerate(zip(digits.data, digits.target)):
         meta = {"label": int(label), "source_id": i}
-        sample = make_sample(i, f"digit {i}", png_bytes(render_digit(pixels)), "png",
-                             [f"a handwritten digit {int(label)}"], meta, skip)
+        image = render_digit(pixels)
+        if name == "digits-aspect":
+            canvas = ASPECT_CANVASES[i % 2]
+            image = on_canvas(render_digit(pixels, min(canvas)), canvas)
+            meta["canvas"] = f"{canvas[0]}x{canvas[1]}"
+        sample = make_sample(i, f"digit {i}", png_bytes(image), "png", [f"a handwritten digit {int(label)}"], meta, skip)
         if sample:
             yield sample
 

@@ -166,7 +166,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     prediction_type = t.prediction_type or scheduler.config.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt)
+    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch)
 
     engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
@@ -179,6 +179,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
             print(f"train: resumed from step {progress['step']}", flush=True)
     start_step = step = progress["step"]
     position, bad_steps = progress["position"], progress["bad_steps"]
+    start_position = position
 
     log = JsonlLog(run_dir / "log.jsonl", world.is_main, start_step)
     batches = stream.batches(position, t.micro_batch, pin=device.type == "cuda")
@@ -262,6 +263,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
               "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
+              "bucketed": stream.bucketed, "bucket_left_out_per_epoch": _left_out(stream, world, start_position, position),
               "seconds_this_run": round(time.time() - started, 1), "last_checkpoint_s": save_s,
               "resumed_from": start_step,
               "peak_gpu_allocated_gb": peak_gb[0] if peak_gb else None,
@@ -271,6 +273,21 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         write_json(run_dir / "train.json", result)
         print(f"train: done at step {step}, loss {last_loss:.4f}", flush=True)
     return result
+
+
+def _left_out(stream: LatentStream, world: World, start: int, end: int) -> dict[str, int] | None:
+    """With buckets: per epoch this run read (the first 20), the samples that sat out as bucket
+    remainders, summed over the ranks (a rank's epochs end at its own micro-batch counts); None
+    without buckets."""
+    if not stream.bucketed:
+        return None
+    first, last = stream.epoch_and_offset(start)[0], stream.epoch_and_offset(max(start, end - 1))[0]
+    mine = {e: stream.left_out(e) for e in range(first, min(last, first + 19) + 1)}
+    total: dict[int, int] = {}
+    for part in world.gather(mine):
+        for e, n in part.items():
+            total[e] = total.get(e, 0) + n
+    return {str(e): total[e] for e in sorted(total)}
 
 
 def _grad_norm_before_step(engine, cfg: Config) -> float | None:

@@ -1,0 +1,166 @@
+"""Aspect-ratio buckets: the sizes, the cache that sorts images into them, the training stream that
+draws one-bucket micro-batches of exactly train.micro_batch, and resuming it exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workflow.buckets import auto_buckets, nearest_bucket, resolve_buckets
+from workflow.config import ConfigError, load_config
+from workflow.latents import LatentStream, validation_samples
+
+from conftest import LORA_RUN, REPO, run_stage, shared_once, tiny_config, train
+from test_train import final_weights, kill_during, logged_steps
+
+
+def test_auto_buckets_cover_the_area_on_the_step_grid():
+    """Bugs caught: sides off the latent grid (the UNet cannot take them), areas above resolution²
+    (more memory than the square run), aspect ratios past max_aspect, one orientation only."""
+    assert auto_buckets(32, 8, 2.0) == [(40, 24), (32, 32), (24, 40)]
+    sd15 = auto_buckets(512, 64, 2.0)
+    assert sd15 == [(640, 384), (576, 448), (512, 512), (448, 576), (384, 640)]
+    for w, h in auto_buckets(1024, 32, 2.0):
+        assert w % 32 == 0 and h % 32 == 0 and w * h <= 1024**2 and max(w / h, h / w) <= 2.0
+        assert (h, w) in auto_buckets(1024, 32, 2.0)
+    assert nearest_bucket(80, 48, auto_buckets(32, 8, 2.0)) == 0
+    assert nearest_bucket(48, 80, auto_buckets(32, 8, 2.0)) == 2
+    assert nearest_bucket(64, 60, auto_buckets(32, 8, 2.0)) == 1
+
+
+def test_bucket_settings_are_checked(built):
+    with pytest.raises(ValueError, match="36x24 not multiples of 8"):
+        resolve_buckets(["40x24", "36x24"], 32, 2.0, built["model"])
+    with pytest.raises(ConfigError, match="cache.buckets"):
+        load_config(REPO / "config.yaml", ["cache.buckets=['40by24']"])
+    with pytest.raises(ConfigError, match="sample.resolution"):
+        load_config(REPO / "config.yaml", ["sample.resolution=['40x']"])
+    # Each bucket setting has its own latent cache folder (so one never overwrites another's).
+    keys = {tiny_config(*o).encoder_key for o in ([], ["cache.buckets=auto"], ["cache.buckets=['40x24','24x40']"],
+                                                  ["cache.buckets=auto", "cache.max_aspect=1.5"])}
+    assert len(keys) == 4
+    assert tiny_config("sample.resolution=['40x24', 32]").sample.sizes(32) == [(40, 24), (32, 32)]
+
+
+BUCKETS = ["data.source=builtin:digits-aspect", "cache.buckets=auto"]
+
+
+@pytest.fixture(scope="session")
+def bucketed(built, tmp_path_factory) -> dict[str, Path]:
+    """builtin:digits-aspect (80x48 and 48x80 canvases) cached with auto buckets by the shared tiny model."""
+    def build(root: Path) -> None:
+        cfg = tiny_config(*BUCKETS)
+        run_stage("prepare", cfg, "--out", str(root / "data"))
+        run_stage("cache", cfg, "--data", str(root / "data"), "--model", str(built["model"]), "--out",
+                  str(root / "latents"))
+
+    root = shared_once(tmp_path_factory, "bucketed", build)
+    return {"data": root / "data", "model": built["model"], "latents": root / "latents"}
+
+
+def test_cache_sorts_images_into_buckets_with_their_sizes(bucketed):
+    """Wide canvases go to the wide bucket and tall to the tall one, each stored at its bucket's
+    latent size with SDXL's size conditions (bug caught: square crops of non-square images, or a
+    manifest whose counts do not match the shards)."""
+    from workflow.latents import decode_latent_sample
+    from workflow.shards import iter_shard
+
+    manifest = json.loads((bucketed["latents"] / "manifest.json").read_text())
+    assert [(b["size"], b["count"]) for b in manifest["buckets"]] == [([40, 24], 899), ([32, 32], 0), ([24, 40], 898)]
+    assert manifest["latent_shape"] is None and manifest["fingerprint"]["buckets"] == "40x24,32x32,24x40"
+    for shard in manifest["shards"]:
+        stored = list(iter_shard(bucketed["latents"] / shard["name"]))
+        assert len(stored) == len(shard["bucket_of"]) == shard["count"]
+        for raw, bucket in zip(stored, shard["bucket_of"]):
+            sample = decode_latent_sample(raw)
+            w, h = manifest["buckets"][bucket]["size"]
+            assert sample["mean"].shape == (1, 4, h // 4, w // 4)
+            canvas = [int(x) for x in sample["meta"]["canvas"].split("x")]
+            assert sample["size"].tolist() == [[canvas[1], canvas[0], 0, 0, h, w]]
+            assert (w > h) == (canvas[0] > canvas[1])
+
+
+def test_bucketed_stream_batches_are_full_disjoint_and_a_function_of_seed_and_epoch(bucketed):
+    """Every micro-batch is one bucket with exactly micro_batch samples; the two ranks never share a
+    sample within an epoch; the remainder is counted; the order depends on (seed, epoch) only and a
+    stream started at any position continues exactly as the uninterrupted one (bug caught: a
+    resumed stream that restarts its open batches and draws other samples than an uninterrupted run)."""
+    mb = 8
+
+    def stream(rank: int, seed: int = 0) -> LatentStream:
+        return LatentStream(bucketed["latents"], seed, world_size=2, rank=rank, val_samples=64, micro_batch=mb)
+
+    ranks = [stream(0), stream(1)]
+    assert all(s.bucketed for s in ranks)
+    per_epoch = []
+    for s in ranks:
+        plan, left_out = s.plan(0)
+        assert len(plan) * mb + left_out == s.per_rank and left_out < 2 * mb  # < mb in each of the two buckets
+        for batch in plan:
+            assert len(batch) == mb and len({s.shards[sh]["bucket_of"][i] for sh, i in batch}) == 1
+        per_epoch.append({key for batch in plan for key in batch})
+    assert not per_epoch[0] & per_epoch[1]
+    assert ranks[0].plan(0) == stream(0).plan(0) and ranks[0].plan(1) != ranks[0].plan(0)
+    assert stream(0, seed=1).plan(0) != ranks[0].plan(0)
+
+    def take(s: LatentStream, position: int, n: int) -> list[dict]:
+        it = s.batches(position, mb)
+        return [next(it) for _ in range(n)]
+
+    straight = take(stream(0), 0, len(ranks[0].plan(0)[0]) + 6)  # into the second epoch
+    for at in (5, len(ranks[0].plan(0)[0]) + 2):
+        resumed = take(stream(0), straight[at - 1]["position"], len(straight) - at)
+        for a, b in zip(straight[at:], resumed):
+            assert a["position"] == b["position"]
+            assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["texts"], b["texts"])
+    shapes = {tuple(b["mean"].shape[-2:]) for b in straight}
+    assert shapes == {(6, 10), (10, 6)}  # both buckets are drawn
+
+
+def test_killed_and_resumed_bucketed_run_is_bitwise_identical(bucketed, tmp_path):
+    """The kill-and-resume check with buckets: the rerun resumes (resumed_from > 0) and ends with
+    the uninterrupted run's weights, bit for bit (bug caught: a stream position that does not
+    restore the bucket plan, so the resumed run trains on other micro-batches)."""
+    overrides = [*BUCKETS, *LORA_RUN]
+    straight = tmp_path / "straight"
+    train(bucketed, straight, *overrides, latents=bucketed["latents"])
+    result = json.loads((straight / "train.json").read_text())
+    assert result["bucketed"]
+    assert result["bucket_left_out_per_epoch"]["0"] == sum(
+        LatentStream(bucketed["latents"], 0, 2, r, 64, micro_batch=8).left_out(0) for r in (0, 1))
+
+    killed = tmp_path / "killed"
+    kill_at = random.Random("buckets").randint(4, 7)  # after the step-3 checkpoint is complete
+    kill = kill_during(bucketed, killed, overrides, kill_at)
+    assert kill.landed and kill.latest in ("step00000003", "step00000006"), kill
+    proc = train(bucketed, killed, *overrides, latents=bucketed["latents"])
+    resumed_from = json.loads((killed / "train.json").read_text())["resumed_from"]
+    assert resumed_from == int(kill.latest[4:]) and f"resumed from step {resumed_from}" in proc.stdout
+    a, b = final_weights(straight), final_weights(killed)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {kill.last_logged}: {len(different)} tensors differ"
+    assert logged_steps(killed) == list(range(1, 9))
+
+
+def test_bucketed_validation_and_samples_at_several_sizes(bucketed, tmp_path):
+    """The sample stage on a bucketed cache: validation loss over held-out samples of both buckets
+    (bug caught: stacking latents of different sizes), images at each sample.resolution size,
+    scored per size, in one grid."""
+    from PIL import Image
+
+    cfg = tiny_config(*BUCKETS, "sample.resolution=['40x24', '24x40']", "sample.seeds=[0]")
+    out = tmp_path / "samples"
+    run_stage("sample", cfg, "--model", str(bucketed["model"]), "--base-model", str(bucketed["model"]), "--latents",
+              str(bucketed["latents"]), "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sizes"] == ["40x24", "24x40"] and metrics["images"] == 4 and np.isfinite(metrics["val_loss"])
+    assert set(metrics["digit_accuracy_per_size"]) == {"40x24", "24x40"}
+    sizes = sorted(Image.open(p).size for p in out.glob("p*.png"))
+    assert sizes == [(24, 40), (24, 40), (40, 24), (40, 24)]
+    held_out = {tuple(s["mean"].shape) for s in validation_samples(bucketed["latents"], 64)}
+    assert held_out == {(1, 4, 6, 10), (1, 4, 10, 6)}
