@@ -52,7 +52,7 @@ BUCKETS = ["data.source=builtin:digits-aspect", "cache.buckets=auto"]
 
 @pytest.fixture(scope="session")
 def bucketed(built, tmp_path_factory) -> dict[str, Path]:
-    """builtin:digits-aspect (80x48 and 48x80 canvases) cached with auto buckets by the shared tiny model."""
+    """builtin:digits-aspect (72x48 and 48x72 images) cached with auto buckets by the shared tiny model."""
     def build(root: Path) -> None:
         cfg = tiny_config(*BUCKETS)
         run_stage("prepare", cfg, "--out", str(root / "data"))
@@ -64,7 +64,7 @@ def bucketed(built, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_cache_sorts_images_into_buckets_with_their_sizes(bucketed):
-    """Wide canvases go to the wide bucket and tall to the tall one, each stored at its bucket's
+    """Wide images go to the wide bucket and tall to the tall one, each stored at its bucket's
     latent size with SDXL's size conditions (bug caught: square crops of non-square images, or a
     manifest whose counts do not match the shards)."""
     from workflow.latents import decode_latent_sample
@@ -80,9 +80,11 @@ def test_cache_sorts_images_into_buckets_with_their_sizes(bucketed):
             sample = decode_latent_sample(raw)
             w, h = manifest["buckets"][bucket]["size"]
             assert sample["mean"].shape == (1, 4, h // 4, w // 4)
-            canvas = [int(x) for x in sample["meta"]["canvas"].split("x")]
-            assert sample["size"].tolist() == [[canvas[1], canvas[0], 0, 0, h, w]]
-            assert (w > h) == (canvas[0] > canvas[1])
+            ow, oh = (int(x) for x in sample["meta"]["size"].split("x"))  # the image as prepared
+            scale = max(w / ow, h / oh)  # resized to cover the bucket, then center-cropped
+            top, left = (round(oh * scale) - h) // 2, (round(ow * scale) - w) // 2
+            assert sample["size"].tolist() == [[oh, ow, top, left, h, w]]
+            assert (w > h) == (ow > oh) and top + left == 1  # 72x48 -> 40x27 -> 40x24
 
 
 def test_bucketed_stream_batches_are_full_disjoint_and_a_function_of_seed_and_epoch(bucketed):
@@ -123,9 +125,12 @@ def test_bucketed_stream_batches_are_full_disjoint_and_a_function_of_seed_and_ep
 
 
 def test_killed_and_resumed_bucketed_run_is_bitwise_identical(bucketed, tmp_path):
-    """The kill-and-resume check with buckets: the rerun resumes (resumed_from > 0) and ends with
-    the uninterrupted run's weights, bit for bit (bug caught: a stream position that does not
-    restore the bucket plan, so the resumed run trains on other micro-batches)."""
+    """make test's kill-and-resume check (LoRA with adapter dropout, ZeRO-2, 2 ranks, buckets; full
+    fine-tuning without buckets is killed five times in the fault suite, make test-faults). Bugs
+    caught: a resume that restores weights but not the optimizer, EMA, RNG (adapter dropout) or data
+    position, or a position that does not restore the bucket plan (the weights then differ from
+    the uninterrupted run's); and, since training is deterministic, a rerun that silently starts
+    afresh (resumed_from is 0)."""
     overrides = [*BUCKETS, *LORA_RUN]
     straight = tmp_path / "straight"
     train(bucketed, straight, *overrides, latents=bucketed["latents"])

@@ -218,6 +218,28 @@ def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, s
             cfg["ema"]["offload"], cfg["train"]["precision"]) == (1, "cpu", True, "cpu", "bf16")
 
 
+SDXL_COMMAND = ("snakemake --cores all --configfile config/gpu.yaml config/sdxl.yaml --config "
+                "model__pretrained=/models/sdxl-base data__source=imagefolder:/data/pets run=pets-sdxl")
+
+
+@runs(SDXL_COMMAND)
+def test_sdxl_config_reaches_the_stages(tmp_path, pets):
+    """config/sdxl.yaml's own command: its buckets, resolution and memory settings reach cache,
+    train and sample over gpu.yaml's (bug caught: a layer order that lets gpu.yaml's 512 px win)."""
+    repo = copy_repo(tmp_path / "repo")
+    model = tmp_path / "sdxl-base"
+    model.mkdir()
+    (proc,) = _dry_runs(repo, [(SDXL_COMMAND, {"/data/pets": str(pets), "/models/sdxl-base": str(model)})])
+    cfg = stage_configs(proc)
+    cache = cfg["cache"]["cache"]
+    assert (cache["resolution"], cache["buckets"], cache["bucket_step"], cache["batch_size"]) == (1024, "auto", 64, 8)
+    train = cfg["train"]["train"]
+    assert (train["micro_batch"], train["gradient_checkpointing"], train["compile"], train["zero_stage"],
+            train["precision"]) == (8, True, False, 2, "bf16")
+    assert cfg["sample"]["sample"]["resolution"] == ["1024x1024", "1152x896", "896x1152"]
+    assert "--run-dir results/runs/pets-sdxl" in " ".join(shell_commands(proc, "train"))
+
+
 @pytest.mark.parametrize("typed, key", [
     ("train__zero_stage=4", "train.zero_stage"),
     ("train__precision=fp8", "train.precision"),
@@ -326,23 +348,35 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert result["resumed_from"] == steps and result["final_step"] == steps  # resumed, not retrained
 
 
+XL_BUCKETS_COMMAND = ("snakemake --cores all --config model__pretrained=builtin:tiny-xl data__source=builtin:digits-aspect "
+                      "cache__buckets=auto cache__resolution=40 'sample__resolution=[48x32,32x48]' train__steps=450 "
+                      "run=digits-xl")
+
+
 @pytest.mark.e2e
-@runs("snakemake --cores all --config model__pretrained=builtin:tiny-xl run=digits-xl")
-def test_sdxl_shaped_run_as_the_readme_shows(tmp_path):
-    """The README's SDXL-path command trains an SDXL-family model through every stage and it learns
-    the digits (bug caught: the override not reaching fetch_model, so builtin:tiny trains instead;
-    an SDXL conditioning path that runs but does not learn)."""
+@runs(XL_BUCKETS_COMMAND)
+def test_sdxl_shaped_bucketed_run_as_the_readme_shows(tmp_path):
+    """The README's SDXL-path command with buckets trains an SDXL-family model through every stage on
+    wide and tall digits, and it draws the right digits at both aspect ratios (bugs caught: an
+    override not reaching its stage, so builtin:tiny or square crops train instead; an SDXL
+    conditioning or bucket path that runs but does not learn)."""
     from diffusers import StableDiffusionXLPipeline
 
     repo = copy_repo(tmp_path / "repo")
-    proc = run_documented("snakemake --cores all --config model__pretrained=builtin:tiny-xl run=digits-xl", repo)
+    proc = run_documented(XL_BUCKETS_COMMAND, repo)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert (repo / "resources/models/tiny-xl-digits/text_encoder_2").is_dir()
+    assert (repo / "resources/models/tiny-xl-digits-aspect/text_encoder_2").is_dir()
+    manifest = json.loads((repo / "results/latents/digits-aspect/tiny-xl-digits-aspect_40px_auto2/manifest.json")
+                          .read_text())
+    assert [(b["size"], b["count"]) for b in manifest["buckets"]] == [([48, 32], 899), ([40, 40], 0), ([32, 48], 898)]
     run = repo / "results" / "runs" / "digits-xl"
     assert json.loads((run / "model" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     StableDiffusionXLPipeline.from_pretrained(run / "model")
+    result = json.loads((run / "train.json").read_text())
+    assert result["bucketed"] and result["final_step"] == 450
     metrics = json.loads((run / "samples" / "metrics.json").read_text())
-    assert metrics["digit_images_scored"] == 100 and metrics["digit_accuracy"] >= 0.90, metrics
+    assert metrics["digit_images_scored"] == 200 and metrics["sizes"] == ["48x32", "32x48"]
+    assert min(metrics["digit_accuracy_per_size"].values()) >= 0.90, metrics
     assert json.loads((run / "export" / "export.json").read_text())["family"] == "sdxl"
 
 

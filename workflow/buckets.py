@@ -3,7 +3,8 @@
 `cache.buckets`:
 - null: every image is resized and cropped to a `cache.resolution` square (no buckets);
 - auto: sizes of about `cache.resolution`² pixels whose sides are multiples of the model's latent
-  step (the VAE's down-sampling times the UNet's: 64 for SD 1.x/2.x, 32 for SDXL) and whose aspect
+  step (the VAE's down-sampling times the UNet's: 64 for SD 1.x/2.x, 32 for SDXL; or
+  `cache.bucket_step`, a multiple of it: config/sdxl.yaml takes SDXL's usual 64) and whose aspect
   ratio is at most `cache.max_aspect`: for each width w on the step grid, the tallest height h on the
   grid with w x h <= resolution², both orientations;
 - a list such as [512x768, 768x512, 640x640] (width x height, each side a multiple of the step).
@@ -61,12 +62,17 @@ def auto_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[in
 
 
 def resolve_buckets(buckets: str | list[str] | None, resolution: int, max_aspect: float,
-                    model_dir: str | Path) -> list[tuple[int, int]] | None:
-    """cache.buckets as sizes for this model; a listed size off the model's step grid is an error."""
+                    model_dir: str | Path, bucket_step: int | None = None) -> list[tuple[int, int]] | None:
+    """cache.buckets as sizes for this model; a listed size off the model's step grid is an error.
+    `bucket_step` (cache.bucket_step) spaces auto buckets more coarsely than the model's step."""
     if buckets is None:
         return None
     step = latent_step(model_dir)
+    if bucket_step and bucket_step % step:
+        raise ValueError(f"cache.bucket_step {bucket_step} is not a multiple of {step} (this model's VAE times UNet "
+                         f"down-sampling)")
     if buckets == "auto":
+        step = bucket_step or step
         return auto_buckets(resolution, step, max_aspect)
     sizes = [parse_size(b) for b in buckets]
     off = [size_name(s) for s in sizes if s[0] % step or s[1] % step]

@@ -68,7 +68,8 @@ def cache_fingerprint(cfg: Config, model_dir: Path, data_dir: Path) -> dict[str,
 
 def bucket_sizes(cfg: Config, model_dir: Path) -> list[tuple[int, int]] | None:
     """cache.buckets resolved for this model: (width, height) sizes, or None for square crops."""
-    return resolve_buckets(cfg.cache.buckets, cfg.cache.resolution, cfg.cache.max_aspect, model_dir)
+    c = cfg.cache
+    return resolve_buckets(c.buckets, c.resolution, c.max_aspect, model_dir, c.bucket_step)
 
 
 def fingerprint_mismatch(expected: dict[str, str], found: dict[str, str]) -> list[str]:

@@ -77,6 +77,8 @@ class CacheConfig(Section):
         None, description="aspect-ratio buckets: null (square crops), auto (about resolution² pixels, sides on the "
         "model's latent step, aspect up to max_aspect) or a list of WxH sizes, e.g. [512x768, 768x512, 640x640]")
     max_aspect: float = Field(2.0, ge=1.0, description="the widest aspect ratio (long side / short side) of auto buckets")
+    bucket_step: int | None = Field(None, ge=8, description="auto buckets' sides are multiples of this; null: the "
+                                    "model's latent step (VAE x UNet down-sampling)")
 
     @field_validator("buckets")
     @classmethod
@@ -353,7 +355,7 @@ class Config(Section):
         key = f"{self.model_name}_{self.cache.resolution}px"
         buckets = self.cache.buckets
         if buckets == "auto":
-            return f"{key}_auto{self.cache.max_aspect:g}"
+            return f"{key}_auto{self.cache.max_aspect:g}" + (f"s{self.cache.bucket_step}" if self.cache.bucket_step else "")
         if buckets:
             return f"{key}_b" + hashlib.sha256(",".join(buckets).encode()).hexdigest()[:8]
         return key

@@ -28,16 +28,10 @@ from .models import added_conditions
 DIGIT_PROMPT = re.compile(r"\bhandwritten digit (\d)\b")
 
 
-def center_square(im: Image.Image) -> Image.Image:
-    w, h = im.size
-    side = min(w, h)
-    return im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-
-
 def digit_features(images: list[Image.Image]) -> np.ndarray:
-    """Dark-on-white RGB images -> sklearn-digits-like 8x8 ink intensities (0..16), from the
-    center square of non-square images (builtin:digits-aspect centers each digit on its canvas)."""
-    gray = [np.asarray(center_square(im).convert("L").resize((8, 8), Image.BOX), dtype=np.float32) for im in images]
+    """Dark-on-white RGB images -> sklearn-digits-like 8x8 ink intensities (0..16); a non-square
+    image is squeezed to 8x8 whole (builtin:digits-aspect stretches its digits to 72x48 and 48x72)."""
+    gray = [np.asarray(im.convert("L").resize((8, 8), Image.BOX), dtype=np.float32) for im in images]
     return np.stack([(255.0 - g) * 16.0 / 255.0 for g in gray]).reshape(len(images), -1)
 
 

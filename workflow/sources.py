@@ -1,7 +1,7 @@
 """Data sources for `prepare`: each yields normalized samples (image bytes + captions).
 
   builtin:digits       scikit-learn's 1797 handwritten digits, upscaled, "a handwritten digit N"
-  builtin:digits-aspect  the same digits centered on non-square canvases, alternately 72x48 (wide)
+  builtin:digits-aspect  the same digits stretched to non-square images, alternately 72x48 (wide)
                        and 48x72 (tall), for aspect-ratio buckets
   imagefolder:<dir>    images in <dir> (nested folders too) captioned by metadata.jsonl or
                        metadata.csv (`file_name` + caption column, the diffusers convention) or by
@@ -93,10 +93,11 @@ def make_sample(index: int, item: str, data: bytes | None, ext: str | None, capt
 # ---------------------------------------------------------------- builtin:digits
 
 
-def render_digit(pixels_8x8: np.ndarray, size: int = DIGITS_SIZE) -> Image.Image:
-    """sklearn digit (0..16, ink high) -> dark ink on white RGB, smoothly upscaled."""
+def render_digit(pixels_8x8: np.ndarray, size: int | tuple[int, int] = DIGITS_SIZE) -> Image.Image:
+    """sklearn digit (0..16, ink high) -> dark ink on white RGB, smoothly upscaled (to a side, or
+    stretched to (width, height))."""
     gray = (255 - pixels_8x8.reshape(8, 8) * (255 / 16)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(gray, "L").resize((size, size), Image.BICUBIC).convert("RGB")
+    return Image.fromarray(gray, "L").resize(size if isinstance(size, tuple) else (size, size), Image.BICUBIC).convert("RGB")
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -105,14 +106,7 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-ASPECT_CANVASES = ((72, 48), (48, 72))  # builtin:digits-aspect, alternately; the digit is 48x48
-
-
-def on_canvas(digit: Image.Image, size: tuple[int, int]) -> Image.Image:
-    canvas = Image.new("RGB", size, "white")
-    canvas.paste(digit, ((size[0] - digit.size[0]) // 2, (size[1] - digit.size[1]) // 2))
-    return canvas
-
+ASPECT_SIZES = ((72, 48), (48, 72))  # builtin:digits-aspect, alternately
 
 def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, Any]]:
     if name not in ("digits", "digits-aspect"):
@@ -125,9 +119,9 @@ def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[
         meta = {"label": int(label), "source_id": i}
         image = render_digit(pixels)
         if name == "digits-aspect":
-            canvas = ASPECT_CANVASES[i % 2]
-            image = on_canvas(render_digit(pixels, min(canvas)), canvas)
-            meta["canvas"] = f"{canvas[0]}x{canvas[1]}"
+            size = ASPECT_SIZES[i % 2]
+            image = render_digit(pixels, size)
+            meta["size"] = f"{size[0]}x{size[1]}"
         sample = make_sample(i, f"digit {i}", png_bytes(image), "png", [f"a handwritten digit {int(label)}"], meta, skip)
         if sample:
             yield sample
