@@ -38,7 +38,7 @@ from .cli import run, stage_main
 from .config import Config
 from .fsutil import read_json, sha256_file, sha256_json, sha256_tree, write_json
 from .buckets import nearest_bucket, resolve_buckets, size_name
-from .families import family_of
+from .families import family_of, native_resolution
 from .imaging import decode_image, image_size, resize_crop_at
 from .models import PromptEncoder, check_model_dir, load_vae
 from .shards import AtomicTar, iter_shard, npy_bytes
@@ -342,6 +342,12 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
         "skipped": data_manifest.get("skipped", []), "reused_shards": len(shards) - len(todo), "procs": procs,
         "seconds": round(seconds, 1), "images_per_s": round(sum(s["count"] for s in todo) / max(seconds, 1e-9), 1),
     }
+    native = native_resolution(model_dir)
+    manifest["native_resolution"] = native
+    if not native / 2 <= cfg.cache.resolution <= native * 2:
+        print(f"cache: WARNING cache.resolution {cfg.cache.resolution} is far from this model's own {native} px (its "
+              f"UNet's sample size x the VAE's down-sampling): it will generate poorly at its own size; set "
+              f"cache__resolution={native} unless this is meant", flush=True)
     write_json(out_dir / "manifest.json", manifest)  # written last: its presence means complete
     print(f"cache: {count} samples, {len(shards)} shard(s) ({manifest['reused_shards']} reused, {procs} proc(s)) "
           f"in {manifest['seconds']}s -> {out_dir}")

@@ -27,7 +27,9 @@ class TextEncoderLayout:
     # Which hidden states condition the UNet: "last" (last_hidden_state, final layer norm applied;
     # SD 2.x folders already drop OpenCLIP's last layer) or "penultimate" (hidden_states[-2], SDXL).
     hidden_state: str = "last"
-    pooled: bool = False  # its projected pooled embedding is the UNet's `text_embeds` (SDXL's second encoder)
+    # Its projected pooled embedding is the UNet's `text_embeds`, beside the `time_ids` (original size,
+    # crop top-left, target size): SDXL's second encoder (`addition_embed_type: text_time`).
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,6 @@ class Family:
     lora_version: str  # kohya's ss_base_model_version
     ldm_target: str  # the original config's model class (written into the A1111 .yaml)
     pipeline: str  # the diffusers pipeline class that loads and samples the folder
-    # The UNet is also conditioned on `time_ids` (original size, crop top-left, target size) and the
-    # pooled text embedding (SDXL's `addition_embed_type: text_time`).
-    size_conditioning: bool = False
     # What a dropped caption becomes: "empty" (the encoded empty caption, as SD 1.x/2.x were trained)
     # or "zeros" (zero hidden states and pooled embedding: SDXL was trained with sgm's conditioner
     # zeroing dropped embeddings, and its pipeline's force_zeros_for_empty_prompt samples that way).
@@ -65,7 +64,7 @@ FAMILIES = {
                     TextEncoderLayout("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", True,
                                       "penultimate", pooled=True)),
                    "original", "sdxl_base_v1-0", "sgm.models.diffusion.DiffusionEngine", "StableDiffusionXLPipeline",
-                   size_conditioning=True, null_caption="zeros"),
+                   null_caption="zeros"),
 }
 
 
