@@ -87,6 +87,7 @@ def test_sdxl_cache_holds_what_diffusers_encodes(xl_built):
 
     manifest = json.loads((xl_built["latents"] / "manifest.json").read_text())
     assert manifest["family"] == "sdxl" and manifest["text_shape"] == [16, 80] and manifest["pooled_shape"] == [32]
+    assert manifest["native_resolution"] == 32  # UNet sample size 8 x the tiny VAE's 4
     assert {"text_encoder_2", "tokenizer_2"} <= set(manifest["fingerprint"])
     first_shard = manifest["shards"][0]["name"]
     stored = next(iter_shard(xl_built["latents"] / first_shard))
