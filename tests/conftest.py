@@ -159,6 +159,22 @@ def lora_run(built, tmp_path_factory) -> Path:
     return shared_once(tmp_path_factory, "lora-run", build)
 
 
+BUCKETS = ["data.source=builtin:digits-aspect", "cache.buckets=auto"]
+
+
+@pytest.fixture(scope="session")
+def bucketed(built, tmp_path_factory) -> dict[str, Path]:
+    """builtin:digits-aspect (72x48 and 48x72 images) cached with auto buckets by the shared tiny model."""
+    def build(root: Path) -> None:
+        cfg = tiny_config(*BUCKETS)
+        run_stage("prepare", cfg, "--out", str(root / "data"))
+        run_stage("cache", cfg, "--data", str(root / "data"), "--model", str(built["model"]), "--out",
+                  str(root / "latents"))
+
+    root = shared_once(tmp_path_factory, "bucketed", build)
+    return {"data": root / "data", "model": built["model"], "latents": root / "latents"}
+
+
 # ---------------------------------------------------------------- fault ledger (tests/faults)
 # Every fault test records what it injected, whether every check after it passed, and the data
 # lost where that is measured (tensors that differ from an uninterrupted run); the session ends by

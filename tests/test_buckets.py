@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from workflow.buckets import auto_buckets, nearest_bucket, resolve_buckets
 from workflow.config import ConfigError, load_config
 from workflow.latents import LatentStream, validation_samples
 
-from conftest import LORA_RUN, REPO, run_stage, shared_once, tiny_config, train
+from conftest import BUCKETS, LORA_RUN, REPO, run_stage, tiny_config, train
 from test_train import final_weights, kill_during, logged_steps
 
 
@@ -45,22 +44,6 @@ def test_bucket_settings_are_checked(built):
                                                   ["cache.buckets=auto", "cache.max_aspect=1.5"])}
     assert len(keys) == 4
     assert tiny_config("sample.resolution=['40x24', 32]").sample.sizes(32) == [(40, 24), (32, 32)]
-
-
-BUCKETS = ["data.source=builtin:digits-aspect", "cache.buckets=auto"]
-
-
-@pytest.fixture(scope="session")
-def bucketed(built, tmp_path_factory) -> dict[str, Path]:
-    """builtin:digits-aspect (72x48 and 48x72 images) cached with auto buckets by the shared tiny model."""
-    def build(root: Path) -> None:
-        cfg = tiny_config(*BUCKETS)
-        run_stage("prepare", cfg, "--out", str(root / "data"))
-        run_stage("cache", cfg, "--data", str(root / "data"), "--model", str(built["model"]), "--out",
-                  str(root / "latents"))
-
-    root = shared_once(tmp_path_factory, "bucketed", build)
-    return {"data": root / "data", "model": built["model"], "latents": root / "latents"}
 
 
 def test_cache_sorts_images_into_buckets_with_their_sizes(bucketed):

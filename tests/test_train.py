@@ -189,6 +189,38 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.parametrize("which", ["square", "bucketed"])
+def test_a_skipped_corrupt_shard_keeps_the_stream_position(built, bucketed, tmp_path, which):
+    """Under train.skip_corrupt the samples (with buckets: the micro-batches) of a corrupt shard are
+    passed over but still count in the stream position, and a stream resumed at any position
+    continues exactly as the uninterrupted one (bug caught: a resumed run that reads other samples
+    than the run it continues, because the position no longer counts the skipped ones)."""
+    import shutil
+
+    latents = tmp_path / "latents"
+    shutil.copytree(built["latents"] if which == "square" else bucketed["latents"], latents)
+
+    def stream() -> LatentStream:
+        return LatentStream(latents, seed=0, world_size=2, rank=0, val_samples=64, skip_corrupt=True, micro_batch=8)
+
+    first = stream().shards[stream()._epoch_order(0)[0]]
+    (latents / first["name"]).write_bytes((latents / first["name"]).read_bytes()[:1000])  # truncated
+    whole = LatentStream(built["latents"] if which == "square" else bucketed["latents"], seed=0, world_size=2, rank=0,
+                         val_samples=64, micro_batch=8)
+    straight_stream = stream()
+    straight = _take(straight_stream.batches(0, 8), 12)
+    assert list(straight_stream.corrupt) == [first["name"]]
+    positions = [b["position"] for b in straight]
+    if which == "square":  # positions count samples: the first batch comes after the corrupt shard's
+        assert positions[0] == whole.counts[stream()._epoch_order(0)[0]] + 8
+    else:  # positions count micro-batches: those holding a corrupt-shard sample are skipped
+        assert positions[0] > 1 and positions == sorted(set(positions))
+    for at in (1, 7):
+        resumed = _take(stream().batches(positions[at - 1], 8), len(straight) - at)
+        for a, b in zip(straight[at:], resumed):
+            assert a["position"] == b["position"] and torch.equal(a["mean"], b["mean"])
+
+
 # ---------------------------------------------------------------- engine runs
 
 
