@@ -154,7 +154,7 @@ class LatentStream:
                 if len(batch) == self.micro_batch:
                     batches.append(open_batches.pop(bucket))
             if not batches:
-                counts = {self.manifest["buckets"][b]["size"][0]: len(v) for b, v in open_batches.items()}
+                counts = {"x".join(map(str, self.manifest["buckets"][b]["size"])): len(v) for b, v in open_batches.items()}
                 raise ValueError(f"no bucket gives rank {self.rank} a full micro-batch of {self.micro_batch} in epoch "
                                  f"{epoch} ({self.per_rank} samples per rank over buckets {counts}): lower "
                                  f"train.micro_batch or use fewer cache.buckets")
