@@ -105,6 +105,9 @@ def test_bucketed_stream_batches_are_full_disjoint_and_a_function_of_seed_and_ep
             assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["texts"], b["texts"])
     shapes = {tuple(b["mean"].shape[-2:]) for b in straight}
     assert shapes == {(6, 10), (10, 6)}  # both buckets are drawn
+    # A micro-batch no bucket can fill is an error naming it, not an endless search or a short batch.
+    with pytest.raises(ValueError, match=r"full micro-batch of 500 .*'40x24': 4\d\d"):
+        LatentStream(bucketed["latents"], 0, world_size=2, rank=0, val_samples=64, micro_batch=500).plan(0)
 
 
 def test_killed_and_resumed_bucketed_run_is_bitwise_identical(bucketed, tmp_path):
