@@ -166,3 +166,19 @@ def test_checkpoints_must_be_checkpoint_steps():
 
     with pytest.raises(ConfigError, match="sample.checkpoints"):
         tiny_config("sample.checkpoints=[3]")  # tiny: checkpoint_every 2
+
+
+def test_validation_hold_out_adapts_to_the_data_set(built):
+    """train.val_samples=auto never takes more than a small share and none of a handful of images,
+    and the sample stage says why it has no validation loss (bugs caught: the old fixed 64 holding
+    out 64 % of a 100-image set, or refusing a 24-image one; a null val_loss with no reason)."""
+    from workflow.latents import resolve_val_samples
+    from workflow.sample import Validator
+
+    assert [resolve_val_samples("auto", n) for n in (3, 24, 99, 100, 500, 1797)] == [0, 0, 0, 5, 25, 64]
+    assert resolve_val_samples(10, 24) == 10
+    with pytest.raises(ValueError, match=r"train.val_samples \(64\) must be smaller than the 24 cached samples"):
+        resolve_val_samples(64, 24)
+    assert len(Validator(tiny_config(), built["latents"], built["model"], "v_prediction").samples) == 64  # auto
+    none = Validator(tiny_config("train.val_samples=0"), built["latents"], built["model"], "v_prediction")
+    assert none.samples == [] and "train.val_samples=0 for 1797 cached samples" in none.skipped

@@ -185,7 +185,16 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
-    val_samples: int = Field(64, ge=0, description="cached samples held out of training for the validation loss")
+    val_samples: int | Literal["auto"] = Field(
+        "auto", description="cached samples held out of training for the validation loss; auto: none below 100 "
+        "samples, else 5 % up to 64")
+
+    @field_validator("val_samples")
+    @classmethod
+    def _val_samples_not_negative(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 0 or more, or auto")
+        return v
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="null: the scheduler's")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting gamma (5.0 is usual); null: off")
     noise_offset: float = Field(0.0, ge=0)

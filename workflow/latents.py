@@ -41,11 +41,25 @@ from .shards import npy_load, shard_samples
 VALIDATION_SEED = 20240
 
 
-def held_out(manifest: dict, val_samples: int) -> list[set[int]]:
+AUTO_VAL_MIN_SAMPLES, AUTO_VAL_SHARE, AUTO_VAL_MAX = 100, 0.05, 64
+
+
+def resolve_val_samples(val_samples: int | str, count: int) -> int:
+    """train.val_samples for a cache of `count` samples. auto: none below 100 samples (a handful of
+    images is too few to spare any: the validation loss is then skipped, saying why), else 5 % of
+    them up to 64, so the hold-out never takes more than a small share."""
+    if val_samples == "auto":
+        return 0 if count < AUTO_VAL_MIN_SAMPLES else min(AUTO_VAL_MAX, int(count * AUTO_VAL_SHARE))
+    if val_samples >= count:
+        raise ValueError(f"train.val_samples ({val_samples}) must be smaller than the {count} cached samples "
+                         f"(train.val_samples=auto holds out none below {AUTO_VAL_MIN_SAMPLES})")
+    return int(val_samples)
+
+
+def held_out(manifest: dict, val_samples: int | str) -> list[set[int]]:
     """Per shard, the in-shard indices of the `val_samples` samples kept out of training."""
     counts = [int(s["count"]) for s in manifest["shards"]]
-    if val_samples >= sum(counts):
-        raise ValueError(f"train.val_samples ({val_samples}) must be smaller than the {sum(counts)} cached samples")
+    val_samples = resolve_val_samples(val_samples, sum(counts))
     chosen = np.random.default_rng(VALIDATION_SEED).permutation(sum(counts))[:val_samples]
     starts = np.cumsum([0] + counts[:-1])
     out: list[set[int]] = [set() for _ in counts]
@@ -55,7 +69,7 @@ def held_out(manifest: dict, val_samples: int) -> list[set[int]]:
     return out
 
 
-def validation_samples(latent_dir: Path, val_samples: int) -> list[dict]:
+def validation_samples(latent_dir: Path, val_samples: int | str) -> list[dict]:
     """The held-out samples (decoded), in a fixed order."""
     manifest = read_json(Path(latent_dir) / "manifest.json", "latent cache manifest")
     out = []
@@ -89,7 +103,7 @@ def read_verified_shard(latent_dir: Path, shard: dict) -> list[dict]:
 
 
 class LatentStream:
-    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int = 0,
+    def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int | str = 0,
                  skip_corrupt: bool = False, micro_batch: int = 1):
         self.dir = Path(latent_dir)
         self.manifest = read_json(self.dir / "manifest.json", "latent cache manifest")

@@ -120,6 +120,10 @@ class Validator:
 
         self.samples = validation_samples(latent_dir, cfg.train.val_samples) if latent_dir and base_model else []
         self.cfg, self.prediction_type = cfg, prediction_type
+        self.skipped = None if self.samples else (
+            "no latent cache given (--latents, --base-model)" if not (latent_dir and base_model) else
+            f"no samples held out: train.val_samples={cfg.train.val_samples} for "
+            f"{read_json(Path(latent_dir) / 'manifest.json')['count']} cached samples (auto holds out none below 100)")
         if self.samples:
             self.scheduler = load_noise_scheduler(base_model)
             self.scaling = latent_scaling(load_vae(base_model))
@@ -147,6 +151,8 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
                "scheduler": type(pipe.scheduler).__name__, "sizes": [f"{w}x{h}" for w, h in sizes],
                "model": str(model_dir), "val_loss": validate(pipe.unet, device), "val_samples": len(validate.samples),
                "val_timesteps": s.val_timesteps}
+    if metrics["val_loss"] is None:
+        metrics["val_loss_skipped"] = validate.skipped
     prompts = [s.prompts[pi] for pi, _, _ in jobs]
     metrics |= digit_accuracy([images[j] for j in jobs], prompts) or {}
     if len(sizes) > 1:
