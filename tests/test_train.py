@@ -203,16 +203,15 @@ def test_a_skipped_corrupt_shard_keeps_the_stream_position(built, bucketed, tmp_
     def stream() -> LatentStream:
         return LatentStream(latents, seed=0, world_size=2, rank=0, val_samples=64, skip_corrupt=True, micro_batch=8)
 
-    first = stream().shards[stream()._epoch_order(0)[0]]
-    (latents / first["name"]).write_bytes((latents / first["name"]).read_bytes()[:1000])  # truncated
-    whole = LatentStream(built["latents"] if which == "square" else bucketed["latents"], seed=0, world_size=2, rank=0,
-                         val_samples=64, micro_batch=8)
     straight_stream = stream()
+    first_index = straight_stream._epoch_order(0)[0]
+    first = straight_stream.shards[first_index]
+    (latents / first["name"]).write_bytes((latents / first["name"]).read_bytes()[:1000])  # truncated
     straight = _take(straight_stream.batches(0, 8), 12)
     assert list(straight_stream.corrupt) == [first["name"]]
     positions = [b["position"] for b in straight]
     if which == "square":  # positions count samples: the first batch comes after the corrupt shard's
-        assert positions[0] == whole.counts[stream()._epoch_order(0)[0]] + 8
+        assert positions[0] == straight_stream.counts[first_index] + 8
     else:  # positions count micro-batches: those holding a corrupt-shard sample are skipped
         assert positions[0] > 1 and positions == sorted(set(positions))
     for at in (1, 7):

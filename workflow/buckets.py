@@ -19,16 +19,16 @@ import math
 import re
 from pathlib import Path
 
-from .families import _config
+from .families import down_sampling
 
-SIZE = re.compile(r"^(\d+)x(\d+)$")
+SIZE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
 
 
 def parse_size(text: str | int) -> tuple[int, int]:
     """"WxH" (or a square's side) -> (width, height)."""
     if isinstance(text, int):
         return text, text
-    m = SIZE.match(str(text).strip())
+    m = SIZE.fullmatch(str(text))
     if not m:
         raise ValueError(f"{text!r} is not a size: write it as WIDTHxHEIGHT, e.g. 768x512")
     return int(m.group(1)), int(m.group(2))
@@ -40,8 +40,7 @@ def size_name(size: tuple[int, int]) -> str:
 
 def latent_step(model_dir: str | Path) -> int:
     """The pixel step bucket sides must be multiples of: the VAE's down-sampling times the UNet's."""
-    vae, unet = _config(Path(model_dir), "vae"), _config(Path(model_dir), "unet")
-    return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    return down_sampling(model_dir, "vae") * down_sampling(model_dir, "unet")
 
 
 def auto_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:

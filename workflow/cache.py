@@ -38,7 +38,7 @@ from .cli import run, stage_main
 from .config import Config
 from .fsutil import read_json, sha256_file, sha256_json, sha256_tree, write_json
 from .buckets import nearest_bucket, resolve_buckets, size_name
-from .families import family_of, native_resolution
+from .families import down_sampling, family_of, native_resolution
 from .imaging import decode_image, image_size, resize_crop_at
 from .models import PromptEncoder, check_model_dir, load_vae
 from .shards import AtomicTar, iter_shard, npy_bytes
@@ -327,7 +327,7 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
         np.save(out_dir / "null_pooled.npy", null_pooled)
     shards = [done[s["name"]] for s in data_manifest["shards"]]
     count = sum(s["count"] for s in shards)
-    factor = 2 ** (len(enc.vae.config.block_out_channels) - 1)
+    factor = down_sampling(model_dir, "vae")
     channels = enc.vae.config.latent_channels
     seconds = time.time() - started
     manifest = {

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .buckets import parse_size
+
 DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
 
 
@@ -50,7 +52,6 @@ DATA_SCHEMES = ("builtin", "imagefolder", "hf", "wds")
 
 # Built by fetch_model and fitted on the prepared data (their VAE), so named after the data set.
 TINY_BUILTINS = {"builtin:tiny": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-xl": "sdxl"}  # -> family
-ARCH_BUILTINS = ("builtin:sd15-arch", "builtin:sdxl-arch")  # real architectures, random weights
 
 
 class TinyModelConfig(Section):
@@ -87,8 +88,7 @@ class CacheConfig(Section):
             if not v:
                 raise ValueError("an empty list: use null for no buckets")
             for size in v:
-                if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
-                    raise ValueError(f"{size!r} is not a size: write WIDTHxHEIGHT, e.g. 768x512")
+                parse_size(size)
             if len(set(v)) != len(v):
                 raise ValueError(f"{v} lists a size twice")
         return v
@@ -273,14 +273,15 @@ class SampleConfig(Section):
     @classmethod
     def _sample_sizes(cls, v):
         for size in v if isinstance(v, list) else [] if v is None else [v]:
-            if isinstance(size, int) and size < 8 or isinstance(size, str) and not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
+            if isinstance(size, int) and size < 8:
                 raise ValueError(f"{size!r} is not a size: a side of 8 or more, or WIDTHxHEIGHT such as 768x512")
+            parse_size(size)
         return v
 
     def sizes(self, default: int) -> list[tuple[int, int]]:
         """The (width, height) sizes to sample at."""
         values = self.resolution if isinstance(self.resolution, list) else [self.resolution or default]
-        return [(v, v) if isinstance(v, int) else tuple(int(x) for x in v.split("x")) for v in values]
+        return [parse_size(v) for v in values]
     batch_size: int = Field(50, ge=1, description="images per pipeline call")
     compare_base: bool = Field(False, description="also sample the base model, shown beside the fine-tuned one")
     checkpoints: list[int | Literal["last"]] = Field(default_factory=list, description="training steps to sample "

@@ -68,7 +68,7 @@ FAMILIES = {
 }
 
 
-def _config(model_dir: Path, component: str) -> dict:
+def component_config(model_dir: Path, component: str) -> dict:
     path = Path(model_dir) / component / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -79,15 +79,19 @@ def family_of(model_dir: str | Path) -> Family:
     OpenCLIP's (gelu activation), else SD 1.x."""
     model_dir = Path(model_dir)
     index = json.loads((model_dir / "model_index.json").read_text())
-    if _config(model_dir, "unet").get("addition_embed_type") == "text_time" or "text_encoder_2" in index:
+    if component_config(model_dir, "unet").get("addition_embed_type") == "text_time" or "text_encoder_2" in index:
         return FAMILIES["sdxl"]
-    if _config(model_dir, "text_encoder").get("hidden_act") == "gelu":
+    if component_config(model_dir, "text_encoder").get("hidden_act") == "gelu":
         return FAMILIES["sd2"]
     return FAMILIES["sd1"]
+
+
+def down_sampling(model_dir: str | Path, component: str) -> int:
+    """How much a VAE (or a UNet) shrinks its input: 2 per block but the last."""
+    return 2 ** (len(component_config(Path(model_dir), component)["block_out_channels"]) - 1)
 
 
 def native_resolution(model_dir: str | Path) -> int:
     """The image size the model was built for: its UNet's sample size times the VAE's down-sampling
     (512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL)."""
-    unet, vae = _config(Path(model_dir), "unet"), _config(Path(model_dir), "vae")
-    return int(unet["sample_size"]) * 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    return int(component_config(Path(model_dir), "unet")["sample_size"]) * down_sampling(model_dir, "vae")

@@ -11,19 +11,20 @@ from PIL import Image
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
 
 
-def decode_image(sample: dict) -> Image.Image:
+def image_bytes(sample: dict) -> bytes:
     for key in IMAGE_KEYS:
         if key in sample:
-            return Image.open(io.BytesIO(sample[key])).convert("RGB")
+            return sample[key]
     raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
+
+
+def decode_image(sample: dict) -> Image.Image:
+    return Image.open(io.BytesIO(image_bytes(sample))).convert("RGB")
 
 
 def image_size(sample: dict) -> tuple[int, int]:
     """(width, height) from the image's header, without decoding its pixels."""
-    for key in IMAGE_KEYS:
-        if key in sample:
-            return Image.open(io.BytesIO(sample[key])).size
-    raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
+    return Image.open(io.BytesIO(image_bytes(sample))).size
 
 
 def resize_crop(img: Image.Image, size: int, rng: np.random.Generator | None = None) -> Image.Image:

@@ -140,19 +140,10 @@ class LatentStream:
 
     def _block(self, epoch: int) -> list[tuple[int, int]]:
         """(shard index, stored index) of this rank's samples of `epoch`, in the epoch's order."""
-        start, end = self.rank * self.per_rank, (self.rank + 1) * self.per_rank
         out: list[tuple[int, int]] = []
-        shard_start = 0
-        for shard_index in self._epoch_order(epoch):
-            n = self.counts[shard_index]
-            lo, hi = max(start, shard_start), min(end, shard_start + n)
-            if lo < hi:
-                kept = [i for i in range(int(self.shards[shard_index]["count"])) if i not in self.held_out[shard_index]]
-                order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(kept))
-                out += [(int(shard_index), kept[order[k - shard_start]]) for k in range(lo, hi)]
-            shard_start += n
-            if shard_start >= end:
-                break
+        for shard_index, lo, hi in self._block_ranges(epoch, 0):
+            order = self._order_in_shard(shard_index, epoch)
+            out += [(shard_index, order[k]) for k in range(lo, hi)]
         return out
 
     def plan(self, epoch: int) -> tuple[list[list[tuple[int, int]]], int]:
@@ -210,6 +201,11 @@ class LatentStream:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
 
+    def _order_in_shard(self, shard_index: int, epoch: int) -> list[int]:
+        """The stored indices of a shard's trainable samples, in this epoch's order."""
+        kept = [i for i in range(int(self.shards[shard_index]["count"])) if i not in self.held_out[shard_index]]
+        return [kept[i] for i in np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(kept))]
+
     def _shard_samples(self, shard_index: int, epoch: int) -> list[dict] | None:
         """One shard's raw samples in this epoch's order (the last shard read is kept); None for a
         corrupt shard under skip_corrupt."""
@@ -223,15 +219,13 @@ class LatentStream:
                 self.corrupt[shard["name"]] = str(e)
                 self._loaded = ((shard_index, epoch), None)
                 return None
-            samples = [s for i, s in enumerate(samples) if i not in self.held_out[shard_index]]
-            order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(samples))
-            self._loaded = ((shard_index, epoch), [samples[i] for i in order])
+            self._loaded = ((shard_index, epoch), [samples[i] for i in self._order_in_shard(shard_index, epoch)])
         return self._loaded[1]
 
-    def _epoch_block(self, epoch: int, offset: int) -> Iterator[tuple[int, dict | None]]:
-        """(offset in block, raw sample) of this rank's samples of `epoch` from its `offset`-th on;
-        a corrupt shard skipped under skip_corrupt yields None for each of its samples. Shards
-        outside the block are not read."""
+    def _block_ranges(self, epoch: int, offset: int) -> Iterator[tuple[int, int, int]]:
+        """(shard index, lo, hi): the in-shard positions [lo, hi) of each shard (in the epoch's order)
+        that this rank's block of `epoch` covers from its `offset`-th sample on; shards outside the
+        block are not visited."""
         start = self.rank * self.per_rank + offset
         end = (self.rank + 1) * self.per_rank
         shard_start = 0
@@ -239,12 +233,20 @@ class LatentStream:
             n = self.counts[shard_index]
             lo, hi = max(start, shard_start), min(end, shard_start + n)
             if lo < hi:
-                samples = self._shard_samples(shard_index, epoch)
-                for k in range(lo, hi):
-                    yield k - self.rank * self.per_rank, None if samples is None else samples[k - shard_start]
+                yield int(shard_index), lo - shard_start, hi - shard_start
             shard_start += n
             if shard_start >= end:
                 return
+
+    def _epoch_block(self, epoch: int, offset: int) -> Iterator[tuple[int, dict | None]]:
+        """(offset in block, raw sample) of this rank's samples of `epoch` from its `offset`-th on;
+        a corrupt shard skipped under skip_corrupt yields None for each of its samples. Shards
+        outside the block are not read."""
+        for shard_index, lo, hi in self._block_ranges(epoch, offset):
+            samples = self._shard_samples(shard_index, epoch)
+            for k in range(lo, hi):
+                yield offset, None if samples is None else samples[k]
+                offset += 1
 
     def samples_from(self, position: int) -> Iterator[dict]:
         """Decoded samples of this rank's stream from its `position`-th sample on (endless)."""

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .families import family_of
+from .families import FAMILIES, family_of
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler")
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
@@ -227,19 +227,35 @@ def train_clip_tokenizer(corpus: Iterable[str], max_length: int = 16, vocab_size
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def tiny_text_encoder(tokenizer, hidden_size: int, hidden_act: str = "quick_gelu", projection_dim: int | None = None):
+def clip_text_encoder(tokenizer, projection_dim: int | None = None, **shape):
+    """A randomly initialised CLIP text encoder for `tokenizer` (positions: its max length), with
+    a projection (SDXL's second encoder) when `projection_dim` is given; `shape`: hidden_size,
+    intermediate_size, num_hidden_layers, num_attention_heads, hidden_act."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act=hidden_act,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        projection_dim=projection_dim or hidden_size,
-    )
+    config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, **shape,
+                            **({"projection_dim": projection_dim} if projection_dim else {}))
     return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
 
 
-TINY_FAMILIES = ("sd1", "sd2", "sdxl")
+def tiny_text_encoder(tokenizer, hidden_size: int, hidden_act: str = "quick_gelu", projection_dim: int | None = None):
+    return clip_text_encoder(tokenizer, projection_dim, hidden_size=hidden_size,
+                             intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                             hidden_act=hidden_act)
+
+
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "hidden_act": "quick_gelu"}  # SD 1.x's text encoder, SDXL's first
+
+
+def sd_vae(**settings):
+    """The AutoencoderKL shape SD 1.x, 2.x and SDXL share (random weights)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         block_out_channels=(128, 256, 512, 512), layers_per_block=2, **settings)
 
 
 def tiny_components(tokenizer, resolution: int, seed: int, family: str = "sd1") -> dict[str, Any]:
@@ -251,8 +267,8 @@ def tiny_components(tokenizer, resolution: int, seed: int, family: str = "sd1") 
     from pure noise miss the training distribution."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"no tiny model of family {family!r}; one of {TINY_FAMILIES}")
+    if family not in FAMILIES:
+        raise ValueError(f"no tiny model of family {family!r}; one of {tuple(FAMILIES)}")
     torch.manual_seed(seed)
     unet_extra: dict[str, Any] = {}
     if family == "sdxl":
@@ -337,20 +353,12 @@ def build_tiny(out_dir: Path, images: torch.Tensor, captions: list[str], steps: 
 
 def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
     """builtin:sd15-arch: Stable Diffusion 1.5's architecture with random weights (benchmarks only)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = train_clip_tokenizer(["a photo of a cat", "a painting of a dog"], max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
-    ))
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
-    )
+    text_encoder = clip_text_encoder(tokenizer, **CLIP_L)
+    vae = sd_vae(sample_size=512)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's UNet
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     parts = {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler}
@@ -362,23 +370,14 @@ def build_sdxl_arch(out_dir: Path, seed: int = 0) -> dict:
     """builtin:sdxl-arch: SDXL 1.0 base's architecture with random weights (benchmarks only): the
     UNet (2.6 B parameters, transformer depths 1/2/10), CLIP ViT-L and OpenCLIP ViT-bigG text
     encoders, the SDXL VAE's shape (scaling 0.13025, run in fp32: force_upcast)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = train_clip_tokenizer(["a photo of a cat", "a painting of a dog"], max_length=77)
-    ids = {"vocab_size": len(tokenizer), "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
-           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                                num_attention_heads=12, hidden_act="quick_gelu", **ids))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
-        projection_dim=1280, **ids))
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024, scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    text_encoder = clip_text_encoder(tokenizer, **CLIP_L)
+    text_encoder_2 = clip_text_encoder(tokenizer, projection_dim=1280, hidden_size=1280, intermediate_size=5120,
+                                       num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
+    vae = sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
     unet = UNet2DConditionModel(
         sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

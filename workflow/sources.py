@@ -108,6 +108,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 ASPECT_SIZES = ((72, 48), (48, 72))  # builtin:digits-aspect, alternately
 
+
 def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, Any]]:
     if name not in ("digits", "digits-aspect"):
         raise ValueError(f"data.source: unknown builtin data set {name!r}; available: builtin:digits, "
@@ -117,11 +118,10 @@ def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[
     digits = load_digits()
     for i, (pixels, label) in enumerate(zip(digits.data, digits.target)):
         meta = {"label": int(label), "source_id": i}
-        image = render_digit(pixels)
+        size = ASPECT_SIZES[i % 2] if name == "digits-aspect" else DIGITS_SIZE
         if name == "digits-aspect":
-            size = ASPECT_SIZES[i % 2]
-            image = render_digit(pixels, size)
             meta["size"] = f"{size[0]}x{size[1]}"
+        image = render_digit(pixels, size)
         sample = make_sample(i, f"digit {i}", png_bytes(image), "png", [f"a handwritten digit {int(label)}"], meta, skip)
         if sample:
             yield sample
