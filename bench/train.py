@@ -80,14 +80,15 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     unet = load_unet(model_dir).to(device)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:
-        compile_forward(unet)
+        compile_forward(unet, t.compile_shapes, stream.shapes)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = load_noise_scheduler(model_dir)
     alphas = scheduler.alphas_cumprod.to(device)
     scale, shift = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch).batches(0, t.micro_batch)
+    stream = stream.batches(0, t.micro_batch)
     # 8 micro-batches cycled (with buckets: of several sizes, as the stage draws them)
     resident = [{k: v.to(device) for k, v in next(stream).items() if k != "position"} for _ in range(8)]
     amp = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
@@ -135,6 +136,10 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 1), "warmup_s": round(warmup_s, 1),
               "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
               "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
+    if t.compile:
+        from torch._dynamo.utils import counters
+
+        result["compiled_graphs"] = counters["stats"]["unique_graphs"]
     if (profile_dir / "summary.json").is_file():
         result["profile"] = profile_summary(profile_dir)
     unet = opt = resident = None  # the closure in step() holds them too: free the GPU memory before the stage runs
@@ -184,7 +189,7 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
     first = records[0]  # its window holds the compilation
     return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),
             "first_window_s": round(result["global_batch"] * first["step"] / first["images_per_s"], 1),
-            "checkpoint_s": result["last_checkpoint_s"],
+            "checkpoint_s": result["last_checkpoint_s"], "compiled_graphs": result.get("compiled_graphs"),
             "peak_allocated_gb": result["peak_gpu_allocated_gb"], "peak_reserved_gb": result["peak_gpu_reserved_gb"],
             "final_loss": result["final_loss"], "wall_s": round(time.time() - started, 1), "profile": profile}
 
@@ -235,7 +240,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
               "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
-                                                             "offload_optimizer", "compile",
+                                                             "offload_optimizer", "compile", "compile_shapes",
                                                              "gradient_checkpointing", "mode")},
               "ema": cfg.ema.decay, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
     if not args.no_baseline:

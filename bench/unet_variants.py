@@ -3,12 +3,17 @@
     CUDA_VISIBLE_DEVICES=0 python3 bench/unet_variants.py base                    # micro-batch 64
     CUDA_VISIBLE_DEVICES=1 python3 bench/unet_variants.py base --micro-batch 128
     CUDA_VISIBLE_DEVICES=2 python3 bench/unet_variants.py sdpa_flash
+    python3 bench/unet_variants.py base --micro-batch 32 --shapes 640x384,512x512,384x640 --compile-shapes dynamic
 
 For choosing settings before wiring them into the train stage (bench/train.py then holds the stage to
 the plain loop). The step is bench/train.py's plain loop without the data: random-weight SD 1.5 UNet
 (fp32 weights, bf16 autocast, torch.compile of forward), fused AdamW, clipping at 1.0, and random
 latents and text states of SD 1.5's shapes resident on the GPU. Each variant runs in its own process
 (compile settings are process-wide). GPU only.
+
+--shapes: image sizes in turn (aspect-ratio buckets), each its latent shape; with several,
+--compile-shapes is train.compile_shapes (workflow.engine.compile_forward), and the JSON gives each
+shape's first-step (compile) seconds, its steady img/s and the graphs Dynamo compiled.
 
 Variants:
   base              torch defaults (SDPA picks its backend: cuDNN attention on Hopper)
@@ -24,10 +29,16 @@ Variants:
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workflow.buckets import parse_size, size_name  # noqa: E402
+from workflow.engine import compile_forward  # noqa: E402
 
 VARIANTS = ("base", "cudnn_benchmark", "sdpa_flash", "sdpa_efficient", "inductor_flags", "coord_desc", "fuse_qkv",
             "max_autotune", "reduce_overhead")
@@ -56,7 +67,9 @@ def main() -> None:
     ap.add_argument("variant", choices=VARIANTS)
     ap.add_argument("--micro-batch", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8, help="steps before the timing (compilation)")
-    ap.add_argument("--steps", type=int, default=12, help="timed steps")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps (per shape)")
+    ap.add_argument("--shapes", default="512x512", help="comma-separated WxH image sizes, in turn")
+    ap.add_argument("--compile-shapes", default="auto", choices=("auto", "dynamic", "per_bucket"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/unet_variants.py needs a CUDA GPU")
@@ -70,10 +83,15 @@ def main() -> None:
         unet.fuse_qkv_projections()
     unet.train()
     mode = {"max_autotune": "max-autotune-no-cudagraphs", "reduce_overhead": "reduce-overhead"}.get(variant)
-    unet.forward = torch.compile(unet.forward, mode=mode)
+    sizes = [parse_size(x) for x in args.shapes.split(",")]
+    if mode is None:
+        compile_forward(unet, args.compile_shapes, len(sizes))
+    else:
+        unet.forward = torch.compile(unet.forward, mode=mode)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5, fused=True)
     alphas = torch.linspace(0.999, 0.01, 1000, device=dev)
-    batches = [(torch.randn(mb, 4, 64, 64, device=dev), torch.randn(mb, 77, 768, device=dev)) for _ in range(4)]
+    batches = {size: [(torch.randn(mb, 4, size[1] // 8, size[0] // 8, device=dev), torch.randn(mb, 77, 768, device=dev))
+                      for _ in range(2)] for size in sizes}
 
     def step(latents: torch.Tensor, text: torch.Tensor) -> None:
         noise = torch.randn_like(latents)
@@ -87,19 +105,30 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    started = time.perf_counter()
-    for i in range(args.warmup):
-        step(*batches[i % 4])
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - started
+    def timed(size: tuple[int, int], steps: int) -> float:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for i in range(steps):
+            step(*batches[size][i % 2])
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    first_s = {size_name(size): round(timed(size, 1), 1) for size in sizes}  # each shape's first step compiles
+    warm_s = sum(timed(sizes[i % len(sizes)], 1) for i in range(args.warmup))
     torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for i in range(args.steps):
-        step(*batches[i % 4])
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    print(json.dumps({"variant": variant, "mb": mb, "img_s": round(mb * args.steps / seconds, 1),
-                      "step_ms": round(1000 * seconds / args.steps, 1), "warm_s": round(warm_s, 1),
+    # the shapes interleaved, as buckets come in training
+    per_size = {size: 0.0 for size in sizes}
+    for i in range(args.steps * len(sizes)):
+        size = sizes[i % len(sizes)]
+        per_size[size] += timed(size, 1)
+    seconds = sum(per_size.values())
+    from torch._dynamo.utils import counters
+
+    print(json.dumps({"variant": variant, "mb": mb, "compile_shapes": args.compile_shapes,
+                      "img_s": round(mb * args.steps * len(sizes) / seconds, 1),
+                      "img_s_per_shape": {size_name(k): round(mb * args.steps / v, 1) for k, v in per_size.items()},
+                      "step_ms": round(1000 * seconds / (args.steps * len(sizes)), 1), "first_step_s": first_s,
+                      "warm_s": round(warm_s, 1), "graphs": counters["stats"]["unique_graphs"],
                       "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1)}), flush=True)
 
 

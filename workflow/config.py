@@ -183,6 +183,11 @@ class TrainConfig(Section):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
+    compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
+        "auto", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
+        "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "
+        "limit raised to fit them); auto: torch's default (static for the first shape, one dynamic recompile "
+        "at the second)")
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
     val_samples: int | Literal["auto"] = Field(

@@ -95,8 +95,9 @@ def make_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.train, step))
 
 
-def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: Path, device: torch.device):
-    """(engine, lr scheduler) for the trainable parameters of `unet`."""
+def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: Path, device: torch.device,
+                 shapes: int = 1):
+    """(engine, lr scheduler) for the trainable parameters of `unet`; `shapes`: latent shapes it meets."""
     import deepspeed
 
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -107,12 +108,22 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
     remove_step_syncs(engine.optimizer)
     lighten_zero0_step(engine, world_size)
     if cfg.train.compile:
-        compile_forward(unet)
+        compile_forward(unet, cfg.train.compile_shapes, shapes)
     return engine, lr_sched
 
 
-def compile_forward(module: torch.nn.Module) -> None:
+def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1) -> None:
     """torch.compile `module.forward` in place; state-dict names stay the same. Only forward: compiling
     the whole call (nn.Module.compile, DeepSpeed's engine.compile) also traces DeepSpeed's forward
-    hooks, where Dynamo breaks the graph five times (a ZeroStageEnum comparison it cannot trace)."""
-    module.forward = torch.compile(module.forward)
+    hooks, where Dynamo breaks the graph five times (a ZeroStageEnum comparison it cannot trace).
+
+    `shapes` = the latent shapes training meets (one per bucket). per_bucket compiles one static graph
+    per shape, for training and for the validation loss (no_grad is another graph): Dynamo's recompile
+    limit (8) would otherwise stop compiling past 8 graphs and run the rest eagerly, silently slow."""
+    if mode == "per_bucket":
+        import torch._dynamo.config as dynamo
+
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * shapes + 2)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * shapes + 8)
+    dynamic = {"auto": None, "dynamic": True, "per_bucket": False}[mode]
+    module.forward = torch.compile(module.forward, dynamic=dynamic)

@@ -122,7 +122,8 @@ class LatentStream:
         self.null_pooled = torch.from_numpy(np.load(pooled)).float() if pooled.is_file() else None
         self._loaded: tuple[tuple[int, int], list[dict]] | None = None
         self.micro_batch = micro_batch
-        self.bucketed = len(self.manifest.get("buckets") or []) > 1
+        self.shapes = max(1, len(self.manifest.get("buckets") or []))  # latent shapes training meets
+        self.bucketed = self.shapes > 1
         self._plans: dict[int, tuple[list[list[tuple[int, int]]], int]] = {}  # the last few epochs'
         self._batch_ends: list[int] = []  # cumulative micro-batches at the end of each epoch planned
         self._raw: OrderedDict[int, list[dict] | None] = OrderedDict()  # a few shards' raw samples

@@ -168,7 +168,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     scaling = latent_scaling(load_vae(model_dir))
     stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch)
 
-    engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device)
+    engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device, stream.shapes)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
     lora = t.mode == "lora"
 
@@ -265,7 +265,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
               "bucketed": stream.bucketed, "bucket_left_out_per_epoch": _left_out(stream, world, start_position, position),
               "seconds_this_run": round(time.time() - started, 1), "last_checkpoint_s": save_s,
-              "resumed_from": start_step,
+              "resumed_from": start_step, "compiled_graphs": _compiled_graphs() if t.compile else None,
               "peak_gpu_allocated_gb": peak_gb[0] if peak_gb else None,
               "peak_gpu_reserved_gb": peak_gb[1] if peak_gb else None, "digest": ema.digest(world)}
     torch.distributed.barrier()
@@ -296,6 +296,14 @@ def _grad_norm_before_step(engine, cfg: Config) -> float | None:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     return _float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+
+def _compiled_graphs() -> int:
+    """Graphs Dynamo compiled in this process: with buckets, what tells one graph per shape from a
+    recompile storm (or from shapes run eagerly past the recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _peak_gpu_memory(device: torch.device) -> tuple[int, ...]:
