@@ -155,3 +155,28 @@ def test_bucketed_validation_and_samples_at_several_sizes(bucketed, tmp_path):
     assert sizes == [(24, 40), (24, 40), (40, 24), (40, 24)]
     held_out = {tuple(s["mean"].shape) for s in validation_samples(bucketed["latents"], 64)}
     assert held_out == {(1, 4, 6, 10), (1, 4, 10, 6)}
+
+
+@pytest.mark.parametrize("mode, graphs", [("per_bucket", 10), ("dynamic", 1)])
+def test_compiled_forward_meets_every_bucket_shape_compiled(monkeypatch, mode, graphs):
+    """Bug caught: per_bucket without Dynamo's recompile limit raised compiles 8 graphs and runs every
+    later bucket shape eagerly, silently slow (torch only logs it); dynamic recompiling per shape.
+    Dynamo's guards and limits are what is tested: the backend is its eager one (no Inductor on the CPU)."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo
+    from torch._dynamo.utils import counters
+
+    from workflow.engine import compile_forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    with dynamo.patch(recompile_limit=8, accumulated_recompile_limit=256):  # torch's defaults, restored after
+        conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        compile_forward(conv, mode, shapes=10)
+        # 10 bucket shapes, one square; no side equals the batch or channels (Dynamo would give them one symbol)
+        for width in range(5, 15):
+            conv(torch.randn(2, 3, 24 - width, width)).sum().backward()
+        assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
