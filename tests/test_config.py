@@ -113,3 +113,26 @@ def test_derived_names():
     assert cfg.dataset_name == "my-pets"
     assert cfg.model_name == "sd15"
     assert Config().model_name == "tiny-digits"
+
+
+def test_auto_resolution_is_the_models_own(tmp_path):
+    """Bug caught: an SD 2.x-768 (or SDXL) folder cached at a fixed default size (32, or gpu.yaml's
+    512) instead of its own, and the cache folder name not saying which size it holds."""
+    import json
+
+    sd2_768 = tmp_path / "sd2-768"
+    for part, conf in {"unet": {"sample_size": 96, "block_out_channels": [320, 640, 1280, 1280]},
+                       "vae": {"block_out_channels": [128, 256, 512, 512]}}.items():
+        (sd2_768 / part).mkdir(parents=True)
+        (sd2_768 / part / "config.json").write_text(json.dumps(conf))
+    cfg = load_config(REPO / "config.yaml", [f"model.pretrained={sd2_768}"])
+    assert cfg.cache.resolution == "auto"
+    assert cfg.at_model_resolution(sd2_768).cache.resolution == 768
+    assert cfg.encoder_key.endswith("_768px")
+    assert load_config(REPO / "config.yaml").encoder_key == "tiny-digits_32px"  # builtins: known before building
+    assert load_config(REPO / "config.yaml", ["model.pretrained=builtin:sdxl-arch"]).encoder_key.endswith("_1024px")
+    assert load_config(REPO / "config.yaml", ["model.pretrained=org/some-model"]).encoder_key.endswith("_autopx")
+    fixed = load_config(REPO / "config.yaml", [f"model.pretrained={sd2_768}", "cache.resolution=640"])
+    assert fixed.at_model_resolution(sd2_768).cache.resolution == 640 and fixed.encoder_key.endswith("_640px")
+    with pytest.raises(ConfigError, match="cache.resolution"):
+        load_config(REPO / "config.yaml", ["cache.resolution=4"])

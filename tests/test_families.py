@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow.families import family_of
+from workflow.families import BUILTIN_RESOLUTIONS, family_of
 from workflow.latents import LatentStream
 
 from conftest import run_stage, shared_once, tiny_config
@@ -88,6 +88,8 @@ def test_sdxl_cache_holds_what_diffusers_encodes(xl_built):
     manifest = json.loads((xl_built["latents"] / "manifest.json").read_text())
     assert manifest["family"] == "sdxl" and manifest["text_shape"] == [16, 80] and manifest["pooled_shape"] == [32]
     assert manifest["native_resolution"] == 32  # UNet sample size 8 x the tiny VAE's 4
+    # cache.resolution auto took the folder's own, which the cache folder's name promised beforehand
+    assert manifest["resolution"] == BUILTIN_RESOLUTIONS["builtin:tiny-xl"] == 32
     assert {"text_encoder_2", "tokenizer_2"} <= set(manifest["fingerprint"])
     first_shard = manifest["shards"][0]["name"]
     stored = next(iter_shard(xl_built["latents"] / first_shard))
@@ -140,7 +142,7 @@ def test_sdxl_caption_dropout_drops_both_embeddings_and_keeps_sizes(xl_built):
     torch.testing.assert_close(dropped["time_ids"], kept["time_ids"])
 
 
-def test_sdxl_runs_merge_into_folders_diffusers_loads(xl_built, xl_runs):
+def test_sdxl_runs_merge_into_folders_diffusers_loads(xl_built, xl_runs, tmp_path):
     """2-rank ZeRO-3 full and ZeRO-2 LoRA runs: merged folders that StableDiffusionXLPipeline and
     AutoPipelineForText2Image load with the trained weights (bug caught: the merge writing an SD 1.x
     pipeline without text_encoder_2, or the base UNet), a LoRA file load_lora_weights applies, the
@@ -174,6 +176,17 @@ def test_sdxl_runs_merge_into_folders_diffusers_loads(xl_built, xl_runs):
     fused = generate(StableDiffusionXLPipeline.from_pretrained(xl_runs["lora"] / "model"))
     assert np.abs(with_lora - before).max() > 1e-3
     np.testing.assert_allclose(with_lora, fused, atol=2e-3)
+    # A LoRA-only merge (ema.fuse_lora: false): the sample stage's loader puts the file on the SDXL base
+    # (bug caught: an SD 1.x pipeline, or the base without the adapter, sampling for it).
+    from workflow.sample import LORA_FILE, load_pipeline as sample_pipeline
+
+    lora_only = tmp_path / "lora-only"
+    lora_only.mkdir()
+    for name in (LORA_FILE, "merge.json"):
+        shutil.copy(xl_runs["lora"] / "model" / name, lora_only / name)
+    staged = sample_pipeline(lora_only, torch.device("cpu"), xl_built["model"])
+    assert type(staged).__name__ == "StableDiffusionXLPipeline"
+    np.testing.assert_allclose(generate(staged), fused, atol=2e-3)
 
     # The single file (sgm layout) read back by diffusers' own SDXL single-file loader.
     file = xl_runs["full"] / "export" / "digits-tiny.safetensors"

@@ -50,6 +50,7 @@ STORE_DTYPE = "fp16"
 def cache_fingerprint(cfg: Config, model_dir: Path, data_dir: Path) -> dict[str, str]:
     """Everything the cached tensors depend on, each part hashed so a mismatch can be named."""
     model_dir = check_model_dir(model_dir)
+    cfg = cfg.at_model_resolution(model_dir)  # the train stage checks the cache with its own config
     parts = {"vae": sha256_tree(model_dir / "vae")}
     for layout in family_of(model_dir).text_encoders:
         parts |= {name: sha256_tree(model_dir / name) for name in (layout.folder, layout.tokenizer)}
@@ -68,7 +69,7 @@ def cache_fingerprint(cfg: Config, model_dir: Path, data_dir: Path) -> dict[str,
 
 def bucket_sizes(cfg: Config, model_dir: Path) -> list[tuple[int, int]] | None:
     """cache.buckets resolved for this model: (width, height) sizes, or None for square crops."""
-    c = cfg.cache
+    c = cfg.at_model_resolution(model_dir).cache
     return resolve_buckets(c.buckets, c.resolution, c.max_aspect, model_dir, c.bucket_step)
 
 
@@ -82,7 +83,7 @@ class LatentEncoder:
 
     def __init__(self, model_dir: Path, device: torch.device):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.device = device
+        self.device, self.model_dir = device, Path(model_dir)
         torch.backends.cudnn.benchmark = True  # one batch shape throughout: pick the fastest kernels
         self._upload: dict = {}
         self._turn = 0
@@ -225,6 +226,8 @@ def cache_shard(enc: LatentEncoder, cfg: Config, src: Path, dest: Path, workers:
     the info lists each stored sample's bucket (`bucket_of`, in stored order). While the device
     encodes batch k, this thread collects batch k-1 and a writer thread serializes it; decoding
     runs ahead in its own threads."""
+    cfg = cfg.at_model_resolution(enc.model_dir)
+
     def collect(item) -> None:
         batch, pending, metas, sizes = item
         writes.append(writer.submit(write_batch, tar, src, batch, metas, pending.result(), sizes, pending.variants))
@@ -290,6 +293,7 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
     from tqdm import tqdm
 
     started = time.time()
+    cfg = cfg.at_model_resolution(model_dir)
     data_manifest = read_json(data_dir / "manifest.json", "data manifest")
     sizes = bucket_sizes(cfg, model_dir)
     fingerprint = cache_fingerprint(cfg, model_dir, data_dir)
@@ -297,6 +301,9 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
     (out_dir / "manifest.json").unlink(missing_ok=True)
     for leftover in out_dir.glob("*.tmp-*"):  # half-written by a killed run: never reused
         leftover.unlink()
+    prior = None
+    if "prior" in data_manifest:  # data.prior: cached the same way into prior/, before this manifest
+        prior = cache(cfg, data_dir / "prior", model_dir, out_dir / "prior")
     done = {s["name"]: finished_shard(out_dir, s["name"], fingerprint["all"]) for s in data_manifest["shards"]}
     todo = [s for s in data_manifest["shards"] if done[s["name"]] is None]
     procs = max(1, min(cache_procs(cfg), len(todo)))
@@ -343,11 +350,13 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
         "seconds": round(seconds, 1), "images_per_s": round(sum(s["count"] for s in todo) / max(seconds, 1e-9), 1),
     }
     native = native_resolution(model_dir)
-    manifest["native_resolution"] = native
+    manifest["resolution"], manifest["native_resolution"] = cfg.cache.resolution, native
+    if prior:
+        manifest["prior"] = {"count": prior["count"], "fingerprint": prior["fingerprint"]["all"]}
     if not native / 2 <= cfg.cache.resolution <= native * 2:
         print(f"cache: WARNING cache.resolution {cfg.cache.resolution} is far from this model's own {native} px (its "
               f"UNet's sample size x the VAE's down-sampling): it will generate poorly at its own size; set "
-              f"cache__resolution={native} unless this is meant", flush=True)
+              f"cache__resolution=auto (= {native}) unless this is meant", flush=True)
     write_json(out_dir / "manifest.json", manifest)  # written last: its presence means complete
     print(f"cache: {count} samples, {len(shards)} shard(s) ({manifest['reused_shards']} reused, {procs} proc(s)) "
           f"in {manifest['seconds']}s -> {out_dir}")

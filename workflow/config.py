@@ -11,12 +11,13 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .buckets import parse_size
+from .families import declared_resolution, native_resolution
 
 DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
 
@@ -29,22 +30,40 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PriorConfig(Section):
+    source: str | None = Field(
+        None, description="class/prior images (DreamBooth's prior preservation), any data.source form; null: none")
+    caption: str | None = Field(None, description="data.caption for the prior images (e.g. 'a photo of a dog')")
+    loss_weight: float = Field(1.0, ge=0.0, description="the prior samples' per-sample losses are multiplied by it")
+    share: float = Field(0.5, gt=0.0, lt=1.0, description="of every micro-batch: round(share x train.micro_batch) "
+                         "prior samples (at least 1, at most micro_batch - 1), the rest the data set's")
+
+    _known_scheme = field_validator("source")(lambda v: known_scheme(v))
+
+    def per_micro_batch(self, micro_batch: int) -> int:
+        return min(micro_batch - 1, max(1, round(self.share * micro_batch)))
+
+
 class DataConfig(Section):
     source: str = Field("builtin:digits", description="builtin:digits | imagefolder:<dir> | hf:<id or path> | wds:<tars>")
     name: str | None = Field(None, description="dataset name used in paths; derived from source")
     shard_size: int = Field(1000, ge=1, description="samples per prepared shard (latent shards follow)")
     strict: bool = Field(False, description="fail on an undecodable or uncaptioned image instead of skipping it")
     caption_column: str | None = Field(None, description="caption column/key; default: 'text', else 'caption'")
+    caption: str | None = Field(
+        None, description="the caption of images without one (DreamBooth-style: 'a photo of sks dog'); with "
+        "'{caption}' in it, a template each image's own caption is put into ('a photo of sks dog, {caption}')")
     image_column: str | None = Field(None, description="hf: image column; default 'image'")
     split: str = Field("train", description="hf: the split to use")
+    prior: PriorConfig = PriorConfig()
 
-    @field_validator("source")
-    @classmethod
-    def _known_scheme(cls, v: str) -> str:
-        scheme = v.split(":", 1)[0]
-        if ":" not in v or scheme not in DATA_SCHEMES:
-            raise ValueError(f"unknown data source {v!r}; expected one of " + ", ".join(f"{s}:..." for s in DATA_SCHEMES))
-        return v
+    _known_scheme = field_validator("source")(lambda v: known_scheme(v))
+
+
+def known_scheme(source: str | None) -> str | None:
+    if source is not None and (":" not in source or source.split(":", 1)[0] not in DATA_SCHEMES):
+        raise ValueError(f"unknown data source {source!r}; expected one of " + ", ".join(f"{s}:..." for s in DATA_SCHEMES))
+    return source
 
 
 DATA_SCHEMES = ("builtin", "imagefolder", "hf", "wds")
@@ -71,7 +90,10 @@ class ModelConfig(Section):
 
 
 class CacheConfig(Section):
-    resolution: int = Field(32, ge=8, description="images are resized + cropped to this square size")
+    resolution: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
+        "auto", description="images are resized + cropped to this square size (with buckets: their area); auto: the "
+        "model's own (its UNet's sample size x the VAE's down-sampling: 512 for SD 1.5, 768 for SD 2.x-768, "
+        "1024 for SDXL, 32 for the tiny builtins)")
     center_crop: bool = Field(True, description="center crop; false: a random crop drawn once per sample from train.seed")
     random_flip: bool = Field(False, description="also cache the horizontally flipped image; training picks one")
     buckets: Literal["auto"] | list[str] | None = Field(
@@ -350,9 +372,23 @@ class Config(Section):
                              f"train.checkpoint_every {t.checkpoint_every} up to train.steps {t.steps}, or 'last')")
         return self
 
+    @model_validator(mode="after")
+    def _prior_fits(self) -> "Config":
+        if self.data.prior.source:
+            if self.train.micro_batch < 2:
+                raise ValueError("data.prior needs train.micro_batch >= 2: every micro-batch mixes data set and prior "
+                                 "samples")
+            if self.cache.buckets:
+                raise ValueError("data.prior with cache.buckets is not supported: a micro-batch of both would mix "
+                                 "bucket shapes; use square crops (cache.buckets: null)")
+        return self
+
     @property
     def dataset_name(self) -> str:
-        return self.data.name or slug(self.data.source)
+        """results/data/<this>: the source's name, with the prior source's when there is one (the
+        prepared folder holds both)."""
+        name = self.data.name or slug(self.data.source)
+        return f"{name}+prior-{slug(self.data.prior.source)}" if self.data.prior.source else name
 
     @property
     def model_name(self) -> str:
@@ -364,10 +400,21 @@ class Config(Section):
             name = slug(self.model.pretrained)
         return f"{name}+{slug(self.model.vae)}" if self.model.vae else name
 
+    def at_model_resolution(self, model_dir: str | Path) -> "Config":
+        """This config with cache.resolution a number: `auto` becomes the model folder's own. The
+        stages that size images (cache, sample, export) call it first."""
+        if isinstance(self.cache.resolution, int):
+            return self
+        cache = self.cache.model_copy(update={"resolution": native_resolution(model_dir)})
+        return self.model_copy(update={"cache": cache})
+
     @property
     def encoder_key(self) -> str:
         """The latent cache's folder name: model, resolution and buckets (a list by a short hash)."""
-        key = f"{self.model_name}_{self.cache.resolution}px"
+        res = self.cache.resolution
+        if res == "auto":  # the number where it is known now, so that the folder says it
+            res = declared_resolution(self.model.pretrained) or "auto"
+        key = f"{self.model_name}_{res}px"
         buckets = self.cache.buckets
         if buckets == "auto":
             return f"{key}_auto{self.cache.max_aspect:g}" + (f"s{self.cache.bucket_step}" if self.cache.bucket_step else "")

@@ -169,6 +169,7 @@ def save_with_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str], path:
 
 
 def export(cfg: Config, model_dir: Path, base_dir: Path, run_dir: Path, data_dir: Path, out: Path) -> dict:
+    cfg = cfg.at_model_resolution(base_dir)
     merge = read_json(model_dir / "merge.json", "merge report")
     info = read_json(run_dir / "train.json", "training result")
     count = read_json(data_dir / "manifest.json", "data manifest")["count"]

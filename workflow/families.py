@@ -91,6 +91,23 @@ def down_sampling(model_dir: str | Path, component: str) -> int:
     return 2 ** (len(component_config(Path(model_dir), component)["block_out_channels"]) - 1)
 
 
+# What native_resolution gives for each builtin, known before it is built (the cache's folder name
+# is decided when Snakemake reads the config). The builders take their sizes from here.
+BUILTIN_RESOLUTIONS = {"builtin:tiny": 32, "builtin:tiny-sd2": 32, "builtin:tiny-xl": 32,
+                       "builtin:sd15-arch": 512, "builtin:sdxl-arch": 1024}
+
+
+def declared_resolution(pretrained: str) -> int | None:
+    """The native resolution of `model.pretrained` where it is known without fetching it: a builtin,
+    or a local diffusers folder; None for a Hub id or a single-file checkpoint."""
+    if pretrained in BUILTIN_RESOLUTIONS:
+        return BUILTIN_RESOLUTIONS[pretrained]
+    folder = Path(pretrained).expanduser()
+    if (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        return native_resolution(folder)
+    return None
+
+
 def native_resolution(model_dir: str | Path) -> int:
     """The image size the model was built for: its UNet's sample size times the VAE's down-sampling
     (512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL)."""

@@ -25,12 +25,12 @@ from .cli import run, stage_main
 from .config import TINY_BUILTINS, Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
+from .families import BUILTIN_RESOLUTIONS
 from .models import (build_sd15_arch, build_sdxl_arch, build_tiny, check_model_dir, file_variant, is_weights, listed_components,
                      pipeline_components, preferred_variant)
 from .shards import iter_shard
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TINY_RESOLUTION = 32
 ARCH_BUILTINS = {"builtin:sd15-arch": build_sd15_arch, "builtin:sdxl-arch": build_sdxl_arch}
 
 
@@ -113,7 +113,7 @@ def fetch_model(cfg: Config, out: Path, data_dir: Path | None) -> dict:
         if ref in TINY_BUILTINS:
             if data_dir is None:
                 raise ValueError(f"{ref} is fitted on the data set: pass --data <prepared data folder>")
-            images, captions = load_prepared(data_dir, TINY_RESOLUTION)
+            images, captions = load_prepared(data_dir, BUILTIN_RESOLUTIONS[ref])
             tiny = cfg.model.tiny
             report |= build_tiny(tmp, images, captions, tiny.vae_steps, tiny.vae_batch, tiny.seed, TINY_BUILTINS[ref])
         elif ref in ARCH_BUILTINS:

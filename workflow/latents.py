@@ -27,7 +27,7 @@ import queue
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -136,6 +136,12 @@ class LatentStream:
             self._batch_ends.append((self._batch_ends[-1] if self._batch_ends else 0) + len(self.plan(len(self._batch_ends))[0]))
         epoch = bisect.bisect_right(self._batch_ends, position)
         return epoch, position - (self._batch_ends[epoch - 1] if epoch else 0)
+
+    def epochs_done(self, position: int) -> float:
+        """How many epochs of this rank's stream `position` covers, with the fraction of the current
+        one. A data set smaller than a micro-batch goes through several epochs per micro-batch."""
+        epoch, offset = self.epoch_and_offset(position)
+        return epoch + offset / (len(self.plan(epoch)[0]) if self.bucketed else self.per_rank)
 
     # ------------------------------------------------------------ buckets
 
@@ -264,10 +270,13 @@ class LatentStream:
                     yield epoch * self.per_rank + k + 1, decode_latent_sample(raw)
             epoch, offset = epoch + 1, 0
 
-    def batches(self, position: int, micro_batch: int, pin: bool = False, prefetch: int = 4) -> Iterator[dict]:
+    def batches(self, position: int, micro_batch: int, pin: bool = False, prefetch: int = 4,
+                prior: "PriorPart | None" = None) -> Iterator[dict]:
         """Micro-batches from sample `position` on, collated by a background thread that stays
         `prefetch` batches ahead (pinned for an asynchronous copy to the GPU when `pin`). Each batch
-        carries `position`: where the stream stands after it."""
+        carries `position`: where the stream stands after it. With `prior` (data.prior), each batch
+        is `micro_batch` samples of this stream followed by `prior.count` of the prior stream,
+        `loss_weight` per sample, and carries `prior_position` too."""
         def produce() -> Iterator[dict]:
             if self.bucketed:
                 if micro_batch != self.micro_batch:
@@ -276,13 +285,31 @@ class LatentStream:
                     batch = collate(samples)
                     yield ({k: v.pin_memory() for k, v in batch.items()} if pin else batch) | {"position": after}
             stream = self.positioned_samples(position)
+            prior_samples = prior.stream.positioned_samples(prior.position) if prior else None
             while True:
                 taken = [next(stream) for _ in range(micro_batch)]
-                batch = collate([s for _, s in taken])
+                extra = {"position": taken[-1][0]}
+                samples = [s for _, s in taken]
+                if prior:
+                    from_prior = [next(prior_samples) for _ in range(prior.count)]
+                    samples += [s for _, s in from_prior]
+                    extra["prior_position"] = from_prior[-1][0]
+                batch = collate(samples)
+                if prior:
+                    batch["loss_weight"] = torch.tensor([1.0] * micro_batch + [prior.loss_weight] * prior.count)
                 batch = {k: v.pin_memory() for k, v in batch.items()} if pin else batch
-                yield batch | {"position": taken[-1][0]}
+                yield batch | extra
 
         return prefetched(produce(), prefetch)
+
+
+class PriorPart(NamedTuple):
+    """The prior (class) images' share of every micro-batch: their stream, where it stands, how many
+    samples per micro-batch, and their loss weight."""
+    stream: LatentStream
+    position: int
+    count: int
+    loss_weight: float
 
 
 def prefetched(source: Iterator, depth: int) -> Iterator:

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .families import FAMILIES, family_of
+from .families import BUILTIN_RESOLUTIONS, FAMILIES, family_of
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler")
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
@@ -358,8 +358,9 @@ def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     tokenizer = train_clip_tokenizer(["a photo of a cat", "a painting of a dog"], max_length=77)
     text_encoder = clip_text_encoder(tokenizer, **CLIP_L)
-    vae = sd_vae(sample_size=512)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's UNet
+    res = BUILTIN_RESOLUTIONS["builtin:sd15-arch"]
+    vae = sd_vae(sample_size=res)
+    unet = UNet2DConditionModel(sample_size=res // 8, cross_attention_dim=768)  # the defaults are SD 1.x's UNet
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     parts = {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler}
     assemble_pipeline("sd1", tokenizer, parts).save_pretrained(out_dir, safe_serialization=True)
@@ -377,9 +378,10 @@ def build_sdxl_arch(out_dir: Path, seed: int = 0) -> dict:
     text_encoder = clip_text_encoder(tokenizer, **CLIP_L)
     text_encoder_2 = clip_text_encoder(tokenizer, projection_dim=1280, hidden_size=1280, intermediate_size=5120,
                                        num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
-    vae = sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    res = BUILTIN_RESOLUTIONS["builtin:sdxl-arch"]
+    vae = sd_vae(sample_size=res, scaling_factor=0.13025, force_upcast=True)
     unet = UNet2DConditionModel(
-        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        sample_size=res // 8, block_out_channels=(320, 640, 1280), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,

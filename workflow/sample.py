@@ -139,6 +139,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
            run_dir: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
+    cfg = cfg.at_model_resolution(model_dir if (model_dir / "unet").is_dir() else base_model)
     s = cfg.sample
     pipe = load_pipeline(model_dir, device, base_model)
     set_scheduler(pipe, s.scheduler)

@@ -71,14 +71,27 @@ def as_captions(value: Any) -> list[str]:
     return [str(v).strip() for v in values if v is not None and str(v).strip()]
 
 
+def apply_caption(rule: str | None, captions: list[str]) -> list[str]:
+    """data.caption applied to an image's own captions: a plain text captions the images that have
+    none (DreamBooth's "a photo of sks dog"); a template with {caption} wraps each caption (an image
+    without one keeps none: there is nothing to put in)."""
+    if rule is None:
+        return captions
+    if "{caption}" in rule:
+        return [rule.replace("{caption}", c) for c in captions]
+    return captions or [rule]
+
+
 def make_sample(index: int, item: str, data: bytes | None, ext: str | None, captions: list[str], meta: dict,
-                skip: Skipper) -> dict[str, Any] | None:
-    """Validate one item; a sample, or None after recording why it was skipped."""
+                skip: Skipper, caption: str | None = None) -> dict[str, Any] | None:
+    """Validate one item (its captions through data.caption); a sample, or None after recording why
+    it was skipped."""
     reason = None
+    captions = apply_caption(caption, captions)
     if data is None:
         reason = "file not found"
     elif not captions:
-        reason = "no caption"
+        reason = "no caption" + (" for data.caption's {caption}" if caption else "")
     elif ext is None:
         reason = "unsupported image type"
     else:
@@ -122,7 +135,8 @@ def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[
         if name == "digits-aspect":
             meta["size"] = f"{size[0]}x{size[1]}"
         image = render_digit(pixels, size)
-        sample = make_sample(i, f"digit {i}", png_bytes(image), "png", [f"a handwritten digit {int(label)}"], meta, skip)
+        sample = make_sample(i, f"digit {i}", png_bytes(image), "png", [f"a handwritten digit {int(label)}"], meta, skip,
+                             cfg.caption)
         if sample:
             yield sample
 
@@ -177,7 +191,8 @@ def imagefolder_samples(arg: str, cfg: DataConfig, skip: Skipper) -> Iterator[di
             caps = as_captions(sidecar.read_text().splitlines())
         name = str(path.relative_to(root.resolve())) if path.is_relative_to(root.resolve()) else str(path)
         data = path.read_bytes() if path.is_file() else None
-        sample = make_sample(i, name, data, IMAGE_EXTS.get(path.suffix.lower()), caps or [], {"file_name": name}, skip)
+        sample = make_sample(i, name, data, IMAGE_EXTS.get(path.suffix.lower()), caps or [], {"file_name": name}, skip,
+                             cfg.caption)
         if sample:
             yield sample
 
@@ -213,6 +228,8 @@ def hf_samples(arg: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, A
     image_col = cfg.image_column or "image"
     caption_col = cfg.caption_column or next((c for c in CAPTION_KEYS if c in columns), None)
     for what, col, key in (("image", image_col, "data.image_column"), ("caption", caption_col, "data.caption_column")):
+        if col is None and what == "caption" and cfg.caption and "{caption}" not in cfg.caption:
+            continue  # no caption column: data.caption captions every image
         if col not in columns:
             raise ValueError(f"data.source hf:{arg}: no {what} column {col!r} ({key}); columns: {columns}")
     if isinstance(ds.features[image_col], datasets.Image):
@@ -223,8 +240,9 @@ def hf_samples(arg: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, A
         if data is None and isinstance(value, dict) and value.get("path"):
             p = Path(value["path"])
             data = p.read_bytes() if p.is_file() else None
-        sample = make_sample(i, f"row {i}", data, image_ext(data) if data else None, as_captions(row[caption_col]),
-                             {"row": i}, skip)
+        captions = as_captions(row[caption_col]) if caption_col else []
+        sample = make_sample(i, f"row {i}", data, image_ext(data) if data else None, captions, {"row": i}, skip,
+                             cfg.caption)
         if sample:
             yield sample
 
@@ -253,7 +271,7 @@ def wds_samples(arg: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, 
             meta = json.loads(raw["json"]) if "json" in raw else {}
             caps = as_captions(raw["txt"].decode()) if "txt" in raw else as_captions(pick_caption(meta, cfg.caption_column, item))
             sample = make_sample(i, item, raw.get(ext) if ext else b"", "jpg" if ext == "jpeg" else ext, caps,
-                                 {"wds_key": raw["__key__"], "wds_tar": Path(tar).name}, skip)
+                                 {"wds_key": raw["__key__"], "wds_tar": Path(tar).name}, skip, cfg.caption)
             i += 1
             if sample:
                 yield sample

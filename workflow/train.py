@@ -35,7 +35,7 @@ from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_w
 from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
-from .latents import LatentStream
+from .latents import LatentStream, PriorPart
 from .models import add_lora, added_conditions, latent_scaling, load_noise_scheduler, load_unet, load_vae
 from .profiling import StepProfiler, phase
 
@@ -103,6 +103,8 @@ def diffusion_loss(engine, scheduler, batch: dict, nulls: tuple[torch.Tensor, to
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if t.snr_gamma:
         per_sample = per_sample * min_snr_weights(scheduler.alphas_cumprod[timesteps], t.snr_gamma, prediction_type)
+    if "loss_weight" in batch:  # data.prior: the prior samples' weight
+        per_sample = per_sample * batch["loss_weight"]
     return per_sample.mean()
 
 
@@ -167,22 +169,26 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     prediction_type = t.prediction_type or scheduler.config.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
     stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch)
+    prior_stream = open_prior(cfg, latent_dir, world)
+    prior_count = cfg.data.prior.per_micro_batch(t.micro_batch) if prior_stream else 0
 
     engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device, stream.shapes)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
     lora = t.mode == "lora"
 
-    progress = {"step": 0, "epoch": 0, "position": 0, "bad_steps": 0}
+    progress = {"step": 0, "epoch": 0, "position": 0, "prior_position": 0, "bad_steps": 0}
     if checkpoints.latest_checkpoint(ckpt_dir):
         progress = checkpoints.load(engine, ckpt_dir, ema, world, lora)
         if world.is_main:
             print(f"train: resumed from step {progress['step']}", flush=True)
     start_step = step = progress["step"]
     position, bad_steps = progress["position"], progress["bad_steps"]
+    prior_position = progress.get("prior_position", 0)
     start_position = position
 
     log = JsonlLog(run_dir / "log.jsonl", world.is_main, start_step)
-    batches = stream.batches(position, t.micro_batch, pin=device.type == "cuda")
+    prior = PriorPart(prior_stream, prior_position, prior_count, cfg.data.prior.loss_weight) if prior_stream else None
+    batches = stream.batches(position, t.micro_batch - prior_count, pin=device.type == "cuda", prior=prior)
     nulls = tuple(None if n is None else n.to(device) for n in (stream.null_text, stream.null_pooled))
     global_batch = t.micro_batch * t.grad_accum * world.size
     engine.train()
@@ -197,6 +203,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
                 gen = step_generator(t.seed, position, world.rank, device)
                 batch = next(batches)
                 position = batch.pop("position")
+                prior_position = batch.pop("prior_position", 0)
             with phase("forward"):
                 loss = diffusion_loss(engine, scheduler, batch, nulls, cfg, scaling, prediction_type, gen, device, dtype)
             with phase("loss_check"):
@@ -232,7 +239,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
             record = {"step": step, "loss": last_loss, "lr": lr,
                       "grad_norm": _float(engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
                       "images_per_s": round(global_batch * t.log_every / max(elapsed, 1e-9), 2),
-                      "bad_steps": bad_steps}
+                      "bad_steps": bad_steps, "epoch": round(stream.epochs_done(position), 3)}
             window_start, grad_norm = time.time(), None
             log.write(record)
             if world.is_main and engine.monitor.enabled:
@@ -242,7 +249,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         bar.update(1)
 
         epoch = stream.epoch_and_offset(position)[0]
-        progress = {"step": step, "epoch": epoch, "position": position, "bad_steps": bad_steps}
+        progress = {"step": step, "epoch": epoch, "position": position, "prior_position": prior_position,
+                    "bad_steps": bad_steps}
         stopping = world.any(stop.signal is not None)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:
             save_started = time.time()
@@ -263,7 +271,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
               "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
-              "bucketed": stream.bucketed, "bucket_left_out_per_epoch": _left_out(stream, world, start_position, position),
+              "epochs": round(stream.epochs_done(position), 3),
+              "prior_per_micro_batch": prior_count or None, "bucketed": stream.bucketed, "bucket_left_out_per_epoch": _left_out(stream, world, start_position, position),
               "seconds_this_run": round(time.time() - started, 1), "last_checkpoint_s": save_s,
               "resumed_from": start_step, "compiled_graphs": _compiled_graphs() if t.compile else None,
               "peak_gpu_allocated_gb": peak_gb[0] if peak_gb else None,
@@ -273,6 +282,16 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         write_json(run_dir / "train.json", result)
         print(f"train: done at step {step}, loss {last_loss:.4f}", flush=True)
     return result
+
+
+def open_prior(cfg: Config, latent_dir: Path, world: World) -> LatentStream | None:
+    """The prior (class) images' stream when data.prior is set: the cache's prior/ folder."""
+    if not cfg.data.prior.source:
+        return None
+    if not (latent_dir / "prior" / "manifest.json").is_file():
+        raise ValueError(f"data.prior.source is set but latent cache {latent_dir} has no prior/: rerun the cache "
+                         f"stage (snakemake --forcerun cache)")
+    return LatentStream(latent_dir / "prior", cfg.train.seed, world.size, world.rank, 0, cfg.train.skip_corrupt)
 
 
 def _left_out(stream: LatentStream, world: World, start: int, end: int) -> dict[str, int] | None:

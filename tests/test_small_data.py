@@ -1,0 +1,142 @@
+"""Small data sets and DreamBooth-style data: data.caption, prior (class) images mixed into every
+micro-batch, a data set smaller than a micro-batch, and resuming all of it exactly."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workflow.config import ConfigError
+from workflow.latents import LatentStream, PriorPart
+from workflow.sources import render_digit
+
+from conftest import run_stage, shared_once, tiny_config, train
+from test_train import final_weights, kill_during, logged_steps
+
+
+def write_digits(folder: Path, digits: list[int], captions: bool) -> None:
+    """sklearn digits as PNGs in an image folder; captioned through metadata.jsonl, or not at all."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    folder.mkdir(parents=True)
+    rows = []
+    for n, want in enumerate(digits):
+        index = [i for i, label in enumerate(data.target) if label == want][digits[:n].count(want)]
+        render_digit(data.data[index]).save(folder / f"{n:03d}.png")
+        rows.append({"file_name": f"{n:03d}.png", "text": f"a handwritten digit {want}"})
+    if captions:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def small_overrides(root: Path) -> list[str]:
+    # 3 uncaptioned sevens, 2 per micro-batch beside 2 prior images (weighted 0.5): on 2 ranks a
+    # rank's epoch is 1 image, so every micro-batch repeats the data set across epochs
+    return [f"data.source=imagefolder:{root / 'sevens'}", "data.caption=a photo of sks",
+            f"data.prior.source=imagefolder:{root / 'others'}", "data.prior.loss_weight=0.5",
+            "train.micro_batch=4", "train.steps=6", "train.checkpoint_every=2", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def small(built, tmp_path_factory) -> dict:
+    """prepare + cache (the shared tiny model) of 3 uncaptioned sevens and 18 captioned prior digits."""
+    def build(root: Path) -> None:
+        write_digits(root / "sevens", [7, 7, 7], captions=False)
+        write_digits(root / "others", [d for d in range(10) if d != 7] * 2, captions=True)
+        cfg = tiny_config(*small_overrides(root))
+        run_stage("prepare", cfg, "--out", str(root / "data"))
+        run_stage("cache", cfg, "--data", str(root / "data"), "--model", str(built["model"]), "--out",
+                  str(root / "latents"))
+
+    root = shared_once(tmp_path_factory, "small-data", build)
+    return {"root": root, "data": root / "data", "model": built["model"], "latents": root / "latents",
+            "overrides": small_overrides(root)}
+
+
+def test_data_caption_captions_uncaptioned_images_or_wraps_each_caption(small, tmp_path):
+    """Bugs caught: uncaptioned images skipped (DreamBooth data has none) or data.caption replacing
+    the captions images have; the prior images losing theirs; a template without a caption to put in
+    silently producing the bare template."""
+    from workflow.prepare import prepare
+    from workflow.shards import iter_shard
+
+    def captions(folder: Path) -> list[list[str]]:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return [json.loads(s["json"])["captions"] for shard in manifest["shards"] for s in iter_shard(folder / shard["name"])]
+
+    assert captions(small["data"]) == [["a photo of sks"]] * 3
+    prior = captions(small["data"] / "prior")
+    assert len(prior) == 18 and prior[0] == ["a handwritten digit 0"] and ["a handwritten digit 7"] not in prior
+    manifest = json.loads((small["data"] / "manifest.json").read_text())
+    assert manifest["prior"]["count"] == 18 and manifest["count"] == 3
+    assert tiny_config(*small["overrides"]).dataset_name == "sevens+prior-others"
+
+    template = tiny_config(f"data.source=imagefolder:{small['root'] / 'others'}", "data.caption=sks style, {caption}")
+    out = prepare(template, tmp_path / "wrapped")
+    assert out["count"] == 18 and captions(tmp_path / "wrapped")[0] == ["sks style, a handwritten digit 0"]
+    bare = tiny_config(f"data.source=imagefolder:{small['root'] / 'sevens'}", "data.caption=sks style, {caption}")
+    with pytest.raises(ValueError, match="no usable images"):
+        prepare(bare, tmp_path / "bare")
+    assert not (tmp_path / "bare").exists()
+    with pytest.raises(ConfigError, match="data.prior with cache.buckets"):
+        tiny_config(*small["overrides"], "cache.buckets=auto")
+    with pytest.raises(ConfigError, match="data.prior needs train.micro_batch >= 2"):
+        tiny_config(*small["overrides"], "train.micro_batch=1")
+
+
+def test_every_micro_batch_mixes_prior_images_in_a_fixed_share(small):
+    """Bugs caught: prior samples missing from some micro-batches or in another share, their loss
+    weight on the wrong samples, a data set smaller than the micro-batch giving short batches, and
+    an order that is not a function of (seed, position)."""
+    cfg = tiny_config(*small["overrides"])
+    k = cfg.data.prior.per_micro_batch(cfg.train.micro_batch)
+    assert k == 2
+    for rank in (0, 1):
+        stream = LatentStream(small["latents"], 0, 2, rank)
+        prior = LatentStream(small["latents"] / "prior", 0, 2, rank)
+        assert stream.per_rank == 1 and prior.per_rank == 9  # 3 images on 2 ranks: one each, one sits out
+        batches = stream.batches(0, 2, prior=PriorPart(prior, 0, k, 0.5))
+        first = [next(batches) for _ in range(5)]
+        for b in first:
+            assert b["mean"].shape[0] == 4
+            assert b["loss_weight"].tolist() == [1.0, 1.0, 0.5, 0.5]
+        assert [b["position"] for b in first] == [2, 4, 6, 8, 10]  # 2 epochs of 1 image per micro-batch
+        assert [b["prior_position"] for b in first] == [2, 4, 6, 8, 10]
+        assert stream.epochs_done(10) == 10.0
+        # resumed at micro-batch 3 from the positions it saved: the same samples follow
+        again = stream.batches(first[2]["position"], 2, prior=PriorPart(prior, first[2]["prior_position"], k, 0.5))
+        for want in first[3:]:
+            got = next(again)
+            assert torch.equal(got["mean"], want["mean"]) and torch.equal(got["texts"], want["texts"])
+
+
+def test_three_images_with_prior_train_on_two_ranks_and_resume_bitwise(small, tmp_path):
+    """The issue's small case: 3 images, micro-batch 4, 2 ranks (with prior images). Bugs caught: a
+    resume that restores the data position but not the prior stream's (the weights then differ), a
+    rerun that silently starts afresh (resumed_from 0), the epoch count missing from the log."""
+    overrides = small["overrides"]
+    straight = tmp_path / "straight"
+    train(small, straight, *overrides, latents=small["latents"])
+    result = json.loads((straight / "train.json").read_text())
+    assert result["prior_per_micro_batch"] == 2 and result["global_batch"] == 8
+    assert result["epochs"] == 12.0  # 2 of a rank's 1-image epochs per micro-batch, 6 steps
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["step"] in (2, 6)] == [4.0, 12.0]
+    assert np.isfinite(result["final_loss"])
+
+    killed = tmp_path / "killed"
+    kill_at = random.Random("small").randint(3, 5)  # after the step-2 checkpoint is complete
+    kill = kill_during(small, killed, overrides, kill_at)
+    assert kill.landed and kill.latest in ("step00000002", "step00000004"), kill
+    proc = train(small, killed, *overrides, latents=small["latents"])
+    resumed_from = json.loads((killed / "train.json").read_text())["resumed_from"]
+    assert resumed_from == int(kill.latest[4:]) and f"resumed from step {resumed_from}" in proc.stdout
+    a, b = final_weights(straight), final_weights(killed)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {kill.last_logged}: {len(different)} tensors differ"
+    assert logged_steps(killed) == list(range(1, 7))
