@@ -19,7 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("snakemake", "make", "python", "python3", "pip", "source", "export")
 COMMENTED = ["config.yaml", "Snakefile", "profiles/local/config.yaml", "profiles/slurm/config.yaml",
-             "config/gpu.yaml", "config/one-gpu.yaml", "config/sdxl.yaml"]
+             "config/gpu.yaml", "config/one-gpu.yaml", "config/sdxl.yaml", "config/small-data.yaml",
+             "config/small-data-demo.yaml"]
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -15,7 +15,7 @@ from workflow.config import ConfigError, load_config
 from workflow.latents import LatentStream, validation_samples
 
 from conftest import BUCKETS, LORA_RUN, REPO, run_stage, tiny_config, train
-from test_train import final_weights, kill_during, logged_steps
+from test_train import check_killed_run_resumes_bitwise
 
 
 def test_auto_buckets_cover_the_area_on_the_step_grid():
@@ -125,17 +125,8 @@ def test_killed_and_resumed_bucketed_run_is_bitwise_identical(bucketed, tmp_path
     assert result["bucket_left_out_per_epoch"]["0"] == sum(
         LatentStream(bucketed["latents"], 0, 2, r, 64, micro_batch=8).left_out(0) for r in (0, 1))
 
-    killed = tmp_path / "killed"
     kill_at = random.Random("buckets").randint(4, 7)  # after the step-3 checkpoint is complete
-    kill = kill_during(bucketed, killed, overrides, kill_at)
-    assert kill.landed and kill.latest in ("step00000003", "step00000006"), kill
-    proc = train(bucketed, killed, *overrides, latents=bucketed["latents"])
-    resumed_from = json.loads((killed / "train.json").read_text())["resumed_from"]
-    assert resumed_from == int(kill.latest[4:]) and f"resumed from step {resumed_from}" in proc.stdout
-    a, b = final_weights(straight), final_weights(killed)
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"killed at step {kill.last_logged}: {len(different)} tensors differ"
-    assert logged_steps(killed) == list(range(1, 9))
+    check_killed_run_resumes_bitwise(bucketed, straight, tmp_path / "killed", overrides, kill_at, bucketed["latents"])
 
 
 def test_bucketed_validation_and_samples_at_several_sizes(bucketed, tmp_path):

@@ -240,6 +240,36 @@ def test_sdxl_config_reaches_the_stages(tmp_path, pets):
     assert "--run-dir results/runs/pets-sdxl" in " ".join(shell_commands(proc, "train"))
 
 
+SMALL_DATA_YOURS = ("snakemake --cores all --configfile config/small-data.yaml --config model__pretrained=/models/sd15 "
+                    "data__source=imagefolder:/data/rex data__caption=\"a photo of sks dog\" "
+                    "data__prior__source=imagefolder:/data/dogs data__prior__caption=\"a photo of a dog\" "
+                    "sample__prompts='[\"a photo of sks dog on a beach\"]' run=rex")
+
+
+@runs(SMALL_DATA_YOURS)
+def test_small_data_config_for_your_own_subject_reaches_the_stages(tmp_path, pets, sd15):
+    """config/small-data.yaml's command for your own subject: the captions, the prior source and the
+    LoRA recipe reach prepare, train and sample (bug caught: the recipe file holding the demo's data
+    or prompts, which the user's --config could not clear: Snakemake merges dicts)."""
+    repo = copy_repo(tmp_path / "repo")
+    dogs = tmp_path / "dogs"
+    shutil.copytree(pets, dogs)
+    (proc,) = _dry_runs(repo, [(SMALL_DATA_YOURS, {"/models/sd15": str(sd15), "/data/rex": str(pets),
+                                                   "/data/dogs": str(dogs)})])
+    cfg = stage_configs(proc)
+    data = cfg["prepare"]["data"]
+    assert (data["source"], data["caption"]) == (f"imagefolder:{pets}", "a photo of sks dog")
+    assert data["prior"] == {"source": f"imagefolder:{dogs}", "caption": "a photo of a dog", "loss_weight": 1.0,
+                             "share": 0.5}
+    train = cfg["train"]["train"]
+    assert (train["mode"], train["lora"]["rank"], train["micro_batch"], train["caption_dropout"], train["lr"],
+            train["steps"]) == ("lora", 8, 8, 0.0, 1e-4, 800)
+    assert cfg["sample"]["sample"]["prompts"] == ["a photo of sks dog on a beach"]
+    assert cfg["sample"]["sample"]["prompt_digits"] == {}
+    assert "--run-dir results/runs/rex" in " ".join(shell_commands(proc, "train"))
+    assert f"results/data/{pets.name}+prior-dogs" in proc.stdout
+
+
 @pytest.mark.parametrize("typed, key", [
     ("train__zero_stage=4", "train.zero_stage"),
     ("train__precision=fp8", "train.precision"),
@@ -290,13 +320,17 @@ def test_venv_setup_lines(tmp_path):
 # ---------------------------------------------------------------- the default run, for real
 
 
+SMALL_DATA_DEMO = "snakemake --cores all --configfile config/small-data.yaml config/small-data-demo.yaml"
+
+
 @pytest.mark.e2e
 @runs("make run", "snakemake --cores all", "snakemake --report report.html", "snakemake --cores all --forcerun train",
       "python -m workflow.train --config config.yaml --set train.steps=50 --latents results/latents/digits/tiny-digits_32px "
-      "--data results/data/digits --model resources/models/tiny-digits --run-dir results/runs/digits-tiny")
+      "--data results/data/digits --model resources/models/tiny-digits --run-dir results/runs/digits-tiny",
+      SMALL_DATA_DEMO)
 def test_default_run_as_the_readme_shows(tmp_path):
     """The embedded default reaches digit_accuracy >= 0.90 from a plain `snakemake --cores all`; the
-    README's other lines on the same folder do what it says."""
+    README's other lines on the same folder do what it says, the small-data demo included."""
     repo = copy_repo(tmp_path / "repo")
     make = subprocess.run(["make", "-n", "run"], cwd=repo, capture_output=True, text=True, env=user_env())
     assert make.stdout.strip().splitlines()[-1] == ".venv/bin/snakemake --cores all", make.stdout
@@ -346,6 +380,29 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert jobs(forced) == {"train", "ema", "sample", "export", "report_files", "all"}
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] == steps and result["final_step"] == steps  # resumed, not retrained
+    check_small_data_demo(repo)
+
+
+def check_small_data_demo(repo: Path) -> None:
+    """The DreamBooth-style demo on the default run's merged model (issue 23's measurable case): after
+    fine-tuning on 12 uncaptioned sevens captioned "a photo of sks" with the digits as prior images,
+    that prompt draws 7s (>= 0.90) while the digit prompts still draw their digits (>= 0.90: no
+    language drift). Bugs caught: data.caption not reaching the cache (the token learns nothing),
+    no prior images in the micro-batches (the digit prompts drift to 7), and, by the base model's
+    figure, a check that would pass untrained."""
+    demo = run_documented(SMALL_DATA_DEMO, repo, timeout=1800)
+    assert demo.returncode == 0, demo.stderr[-5000:]
+    run = repo / "results" / "runs" / "sks-sevens"
+    result = json.loads((run / "train.json").read_text())
+    assert result["prior_per_micro_batch"] == 4 and result["mode"] == "lora"
+    metrics = json.loads((run / "samples" / "metrics.json").read_text())
+    per_prompt, base = metrics["digit_accuracy_per_prompt"], metrics["base"]["digit_accuracy_per_prompt"]
+    print("small-data demo:", per_prompt, "base:", base)
+    assert metrics["val_loss"] is None and "12" in metrics["val_loss_skipped"]  # auto: nothing held out of 12
+    assert per_prompt["a photo of sks"] >= 0.90, per_prompt
+    assert base["a photo of sks"] < 0.5, base  # the base model does not draw 7s for the token
+    for prompt in ("a handwritten digit 3", "a handwritten digit 5", "a handwritten digit 8"):
+        assert per_prompt[prompt] >= 0.90, per_prompt
 
 
 XL_BUCKETS_COMMAND = ("snakemake --cores all --config model__pretrained=builtin:tiny-xl data__source=builtin:digits-aspect "

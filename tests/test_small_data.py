@@ -16,7 +16,7 @@ from workflow.latents import LatentStream, PriorPart
 from workflow.sources import render_digit
 
 from conftest import run_stage, shared_once, tiny_config, train
-from test_train import final_weights, kill_during, logged_steps
+from test_train import check_killed_run_resumes_bitwise
 
 
 def write_digits(folder: Path, digits: list[int], captions: bool) -> None:
@@ -129,14 +129,5 @@ def test_three_images_with_prior_train_on_two_ranks_and_resume_bitwise(small, tm
     assert [r["epoch"] for r in log if r["step"] in (2, 6)] == [4.0, 12.0]
     assert np.isfinite(result["final_loss"])
 
-    killed = tmp_path / "killed"
     kill_at = random.Random("small").randint(3, 5)  # after the step-2 checkpoint is complete
-    kill = kill_during(small, killed, overrides, kill_at)
-    assert kill.landed and kill.latest in ("step00000002", "step00000004"), kill
-    proc = train(small, killed, *overrides, latents=small["latents"])
-    resumed_from = json.loads((killed / "train.json").read_text())["resumed_from"]
-    assert resumed_from == int(kill.latest[4:]) and f"resumed from step {resumed_from}" in proc.stdout
-    a, b = final_weights(straight), final_weights(killed)
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"killed at step {kill.last_logged}: {len(different)} tensors differ"
-    assert logged_steps(killed) == list(range(1, 7))
+    check_killed_run_resumes_bitwise(small, straight, tmp_path / "killed", overrides, kill_at, small["latents"])

@@ -295,6 +295,24 @@ def kill_during(built, run_dir: Path, overrides: list[str], at_step: int, timeou
     return Kill(proc.returncode, max(logged_steps(run_dir), default=0), latest_tag(run_dir))
 
 
+def check_killed_run_resumes_bitwise(data, straight: Path, killed: Path, overrides: list[str], kill_at: int,
+                                     latents: Path) -> None:
+    """SIGKILL a run at step `kill_at` (after a complete checkpoint), rerun it, and hold it to the
+    uninterrupted run in `straight`: the kill landed, the rerun resumed from that checkpoint (not
+    afresh: training is deterministic, a fresh start would also match), every tensor equal, each
+    step logged once."""
+    kill = kill_during(data, killed, overrides, kill_at)
+    assert kill.landed and kill.latest, kill
+    proc = train(data, killed, *overrides, latents=latents)
+    result = json.loads((killed / "train.json").read_text())
+    resumed_from = result["resumed_from"]
+    assert resumed_from == int(kill.latest[4:]) and f"resumed from step {resumed_from}" in proc.stdout
+    a, b = final_weights(straight), final_weights(killed)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"killed at step {kill.last_logged}: {len(different)} tensors differ"
+    assert logged_steps(killed) == list(range(1, result["final_step"] + 1))
+
+
 @pytest.mark.parametrize("signum, whom", [(signal.SIGTERM, "every process"), (signal.SIGUSR1, "the launcher")])
 def test_stop_signal_saves_and_exits_with_its_code(built, tmp_path, signum, whom):
     run_dir = tmp_path / "run"

@@ -315,6 +315,16 @@ class SampleConfig(Section):
                                                      "as a checkpoint x prompt grid, e.g. [500, 1000, last]")
     val_timesteps: int = Field(8, ge=1, description="fixed timesteps per held-out sample in the validation loss")
     clip_model: str | None = Field(None, description="local CLIP model folder for a CLIP score; null: skipped")
+    prompt_digits: dict[str, int] = Field(
+        default_factory=dict, description="the digit each listed prompt should draw when it names none, for "
+        "digit_accuracy: a DreamBooth token's prompt, e.g. {'a photo of sks': 7}")
+
+    @model_validator(mode="after")
+    def _prompt_digits_are_prompts(self) -> "SampleConfig":
+        unknown = [p for p in self.prompt_digits if p not in self.prompts]
+        if unknown:
+            raise ValueError(f"sample.prompt_digits names {unknown}, which sample.prompts does not list")
+        return self
 
 
 class ExportConfig(Section):
@@ -426,7 +436,10 @@ class Config(Section):
 def slug(source: str) -> str:
     """A short, path-safe name for a data source or model reference."""
     body = source.split(":", 1)[1] if ":" in source and not Path(source).exists() else source
-    name = Path(body.rstrip("/")).name or body
+    path = Path(body.rstrip("/"))
+    name = path.name or body
+    if name == "model" and path.parent.name:  # a run's merged model, results/runs/<run>/model: the run names it
+        name = f"{path.parent.name}-model"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "default"
 
 

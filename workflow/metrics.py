@@ -66,9 +66,11 @@ def prompt_digit(prompt: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def digit_accuracy(images: list[Image.Image], prompts: list[str]) -> dict | None:
-    """Accuracy over the images whose prompt names a digit; None if no prompt does."""
-    wanted = [prompt_digit(p) for p in prompts]
+def digit_accuracy(images: list[Image.Image], prompts: list[str], prompt_digits: dict[str, int] | None = None
+                   ) -> dict | None:
+    """Accuracy over the images whose prompt names a digit (or is given one by `prompt_digits`, e.g.
+    a DreamBooth token's prompt); overall, per digit and per prompt. None if no prompt has a digit."""
+    wanted = [(prompt_digits or {}).get(p, prompt_digit(p)) for p in prompts]
     keep = [i for i, d in enumerate(wanted) if d is not None]
     if not keep:
         return None
@@ -76,7 +78,9 @@ def digit_accuracy(images: list[Image.Image], prompts: list[str]) -> dict | None
     predicted = clf.predict([images[i] for i in keep])
     correct = predicted == np.array([wanted[i] for i in keep])
     per_digit = {str(d): float(correct[[wanted[i] == d for i in keep]].mean()) for d in sorted({wanted[i] for i in keep})}
+    per_prompt = {p: float(correct[[prompts[i] == p for i in keep]].mean()) for p in dict.fromkeys(prompts[i] for i in keep)}
     return {"digit_accuracy": float(correct.mean()), "digit_accuracy_per_digit": per_digit,
+            "digit_accuracy_per_prompt": per_prompt,
             "digit_images_scored": len(keep), "classifier_held_out_accuracy": clf.held_out_accuracy}
 
 

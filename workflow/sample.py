@@ -155,11 +155,12 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     if metrics["val_loss"] is None:
         metrics["val_loss_skipped"] = validate.skipped
     prompts = [s.prompts[pi] for pi, _, _ in jobs]
-    metrics |= digit_accuracy([images[j] for j in jobs], prompts) or {}
+    metrics |= digit_accuracy([images[j] for j in jobs], prompts, s.prompt_digits) or {}
     if len(sizes) > 1:
         metrics["digit_accuracy_per_size"] = {
             f"{w}x{h}": (digit_accuracy([images[j] for j in jobs if j[2] == (w, h)],
-                                        [s.prompts[j[0]] for j in jobs if j[2] == (w, h)]) or {}).get("digit_accuracy")
+                                        [s.prompts[j[0]] for j in jobs if j[2] == (w, h)], s.prompt_digits)
+                         or {}).get("digit_accuracy")
             for w, h in sizes}
     metrics |= clip_score([images[j] for j in jobs], prompts, s.clip_model, device)
     row_jobs = [[j for j in jobs if j[0] == pi] for pi in range(len(s.prompts))]  # sizes x seeds, in order
@@ -172,7 +173,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         set_scheduler(base, s.scheduler)
         base_images = generate(base, cfg, jobs, device)
         metrics["base"] = {"val_loss": validate(base.unet, device),
-                           **(digit_accuracy([base_images[j] for j in jobs], prompts) or {})}
+                           **(digit_accuracy([base_images[j] for j in jobs], prompts, s.prompt_digits) or {})}
         rows = [row + [base_images[j] for j in row_job] for row, row_job in zip(rows, row_jobs)]
         columns += [f"base s{seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
         del base

@@ -3,6 +3,8 @@
   builtin:digits       scikit-learn's 1797 handwritten digits, upscaled, "a handwritten digit N"
   builtin:digits-aspect  the same digits stretched to non-square images, alternately 72x48 (wide)
                        and 48x72 (tall), for aspect-ratio buckets
+  builtin:sevens       12 of those digits, all sevens, without captions: a DreamBooth-style
+                       instance set (caption them with data.caption)
   imagefolder:<dir>    images in <dir> (nested folders too) captioned by metadata.jsonl or
                        metadata.csv (`file_name` + caption column, the diffusers convention) or by
                        a kohya-style `<stem>.txt` beside each image
@@ -122,13 +124,24 @@ def png_bytes(img: Image.Image) -> bytes:
 ASPECT_SIZES = ((72, 48), (48, 72))  # builtin:digits-aspect, alternately
 
 
+SEVENS = 12  # builtin:sevens: the first 12 sevens, uncaptioned (a DreamBooth-style instance set)
+
+
 def builtin_samples(name: str, cfg: DataConfig, skip: Skipper) -> Iterator[dict[str, Any]]:
-    if name not in ("digits", "digits-aspect"):
+    if name not in ("digits", "digits-aspect", "sevens"):
         raise ValueError(f"data.source: unknown builtin data set {name!r}; available: builtin:digits, "
-                         f"builtin:digits-aspect")
+                         f"builtin:digits-aspect, builtin:sevens")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    if name == "sevens":
+        sevens = [i for i, label in enumerate(digits.target) if label == 7][:SEVENS]
+        for n, i in enumerate(sevens):
+            sample = make_sample(n, f"seven {n}", png_bytes(render_digit(digits.data[i])), "png", [],
+                                 {"label": 7, "source_id": i}, skip, cfg.caption)
+            if sample:
+                yield sample
+        return
     for i, (pixels, label) in enumerate(zip(digits.data, digits.target)):
         meta = {"label": int(label), "source_id": i}
         size = ASPECT_SIZES[i % 2] if name == "digits-aspect" else DIGITS_SIZE
