@@ -202,13 +202,15 @@ def test_sdxl_runs_merge_into_folders_diffusers_loads(xl_built, xl_runs, tmp_pat
     assert kohya["digits-tiny_lora.safetensors"]["architecture"] == "stable-diffusion-xl-v1-base/lora"
 
 
-def test_tiny_sd2_trains_merges_and_samples(built, tmp_path):
+def test_tiny_sd2_trains_merges_and_samples(small, tmp_path):
     """builtin:tiny-sd2 (OpenCLIP-like gelu encoder, v-prediction from its scheduler) through every
-    stage (bug caught: the family's prediction type not reaching the merged scheduler)."""
+    stage (bug caught: the family's prediction type not reaching the merged scheduler), on the small
+    data set (3 images; 21 with its prior images: a quick cache)."""
     from diffusers import StableDiffusionPipeline
 
-    cfg = tiny_config("model.pretrained=builtin:tiny-sd2", "train.steps=2", "train.checkpoint_every=2",
-                      "train.procs=1")
+    built = small
+    cfg = tiny_config(*small["overrides"], "model.pretrained=builtin:tiny-sd2", "train.steps=2",
+                      "train.checkpoint_every=2", "train.procs=1", "train.val_samples=1")
     model, latents, run = tmp_path / "model", tmp_path / "latents", tmp_path / "run"
     run_stage("fetch_model", cfg, "--data", str(built["data"]), "--out", str(model))
     assert family_of(model).name == "sd2"

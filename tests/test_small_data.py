@@ -13,49 +13,9 @@ import torch
 
 from workflow.config import ConfigError
 from workflow.latents import LatentStream, PriorPart
-from workflow.sources import render_digit
 
-from conftest import run_stage, shared_once, tiny_config, train
+from conftest import tiny_config, train
 from test_train import check_killed_run_resumes_bitwise
-
-
-def write_digits(folder: Path, digits: list[int], captions: bool) -> None:
-    """sklearn digits as PNGs in an image folder; captioned through metadata.jsonl, or not at all."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    folder.mkdir(parents=True)
-    rows = []
-    for n, want in enumerate(digits):
-        index = [i for i, label in enumerate(data.target) if label == want][digits[:n].count(want)]
-        render_digit(data.data[index]).save(folder / f"{n:03d}.png")
-        rows.append({"file_name": f"{n:03d}.png", "text": f"a handwritten digit {want}"})
-    if captions:
-        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def small_overrides(root: Path) -> list[str]:
-    # 3 uncaptioned sevens, 2 per micro-batch beside 2 prior images (weighted 0.5): on 2 ranks a
-    # rank's epoch is 1 image, so every micro-batch repeats the data set across epochs
-    return [f"data.source=imagefolder:{root / 'sevens'}", "data.caption=a photo of sks",
-            f"data.prior.source=imagefolder:{root / 'others'}", "data.prior.loss_weight=0.5",
-            "train.micro_batch=4", "train.steps=6", "train.checkpoint_every=2", "train.lr=1e-3"]
-
-
-@pytest.fixture(scope="session")
-def small(built, tmp_path_factory) -> dict:
-    """prepare + cache (the shared tiny model) of 3 uncaptioned sevens and 18 captioned prior digits."""
-    def build(root: Path) -> None:
-        write_digits(root / "sevens", [7, 7, 7], captions=False)
-        write_digits(root / "others", [d for d in range(10) if d != 7] * 2, captions=True)
-        cfg = tiny_config(*small_overrides(root))
-        run_stage("prepare", cfg, "--out", str(root / "data"))
-        run_stage("cache", cfg, "--data", str(root / "data"), "--model", str(built["model"]), "--out",
-                  str(root / "latents"))
-
-    root = shared_once(tmp_path_factory, "small-data", build)
-    return {"root": root, "data": root / "data", "model": built["model"], "latents": root / "latents",
-            "overrides": small_overrides(root)}
 
 
 def test_data_caption_captions_uncaptioned_images_or_wraps_each_caption(small, tmp_path):

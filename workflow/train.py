@@ -354,6 +354,8 @@ def _progress_bar(world: World, start: int, total: int):
 
 def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_dir: Path, nprocs: int) -> None:
     """Checked once, before any rank starts, so input errors are one clear line."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("train.precision fp16 needs a GPU: DeepSpeed has no fp16 on the CPU; use bf16 or fp32 here")
     check_cache(cfg, latent_dir, model_dir, data_dir)
     check_zero_section(deepspeed_config(cfg, nprocs, run_dir))
     checkpoints.prepare_dir(cfg, run_dir / "checkpoints", nprocs)
