@@ -164,6 +164,12 @@ def test_slurm_profile_by_name_from_the_repo_root(tmp_path, sd15):
     assert (cfg["train"]["zero_stage"], cfg["train"]["precision"], cfg["cache"]["resolution"]) == (2, "bf16", 512)
 
 
+SMALL_DATA_YOURS = ("snakemake --cores all --configfile config/small-data.yaml --config model__pretrained=/models/sd15 "
+                    "data__source=imagefolder:/data/rex data__caption=\"a photo of sks dog\" "
+                    "data__prior__source=imagefolder:/data/dogs data__prior__caption=\"a photo of a dog\" "
+                    "sample__prompts='[\"a photo of sks dog on a beach\"]' run=rex")
+
+
 @runs("snakemake --cores all --config data__source=imagefolder:/data/my_pets run=pets "
       "sample__prompts='[\"a photo of rex the dog on a beach\"]'",
       "snakemake --cores all --config model__pretrained=/models/stable-diffusion-v1-5 data__source=imagefolder:/data/my_pets "
@@ -175,11 +181,13 @@ def test_slurm_profile_by_name_from_the_repo_root(tmp_path, sd15):
       "data__source=imagefolder:/data/pets run=pets",
       "snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config ...",
       "snakemake --cores all --configfile config/gpu.yaml --config train__micro_batch=1 train__offload_optimizer=cpu "
-      "train__gradient_checkpointing=true ema__offload=cpu ...")
+      "train__gradient_checkpointing=true ema__offload=cpu ...", SMALL_DATA_YOURS)
 def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, sd15):
     repo = copy_repo(tmp_path / "repo")
     data, model = {"/data/my_pets": str(pets)}, {"/models/stable-diffusion-v1-5": str(sd15)}
-    own, sd, gpu, gpu_sd15, one_gpu, small = _dry_runs(repo, [
+    dogs = tmp_path / "dogs"
+    shutil.copytree(pets, dogs)
+    own, sd, gpu, gpu_sd15, one_gpu, small, subject = _dry_runs(repo, [
         ("snakemake --cores all --config data__source=imagefolder:/data/my_pets run=pets "
          "sample__prompts='[\"a photo of rex the dog on a beach\"]'", data),
         ("snakemake --cores all --config model__pretrained=/models/stable-diffusion-v1-5 "
@@ -192,6 +200,7 @@ def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, s
         ("snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config ...", {" ...": ""}),
         ("snakemake --cores all --configfile config/gpu.yaml --config train__micro_batch=1 train__offload_optimizer=cpu "
          "train__gradient_checkpointing=true ema__offload=cpu ...", {" ...": ""}),
+        (SMALL_DATA_YOURS, {"/models/sd15": str(sd15), "/data/rex": str(pets), "/data/dogs": str(dogs)}),
     ])
     cfg = stage_configs(own)
     assert cfg["prepare"]["data"]["source"] == f"imagefolder:{pets}" and cfg["sample"]["run"] == "pets"
@@ -217,6 +226,21 @@ def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, s
     assert (cfg["train"]["micro_batch"], cfg["train"]["offload_optimizer"], cfg["train"]["gradient_checkpointing"],
             cfg["ema"]["offload"], cfg["train"]["precision"]) == (1, "cpu", True, "cpu", "bf16")
 
+    # config/small-data.yaml's command for your own subject: the captions, the prior source and the
+    # LoRA recipe reach prepare, train and sample (bug caught: the recipe file holding the demo's
+    # data or prompts, which the user's --config could not clear: Snakemake merges dicts)
+    cfg = stage_configs(subject)
+    data = cfg["prepare"]["data"]
+    assert (data["source"], data["caption"]) == (f"imagefolder:{pets}", "a photo of sks dog")
+    assert data["prior"] == {"source": f"imagefolder:{dogs}", "caption": "a photo of a dog", "loss_weight": 1.0,
+                             "share": 0.5}
+    train = cfg["train"]["train"]
+    assert (train["mode"], train["lora"]["rank"], train["micro_batch"], train["caption_dropout"], train["lr"],
+            train["steps"]) == ("lora", 8, 8, 0.0, 1e-4, 800)
+    assert cfg["sample"]["sample"]["prompts"] == ["a photo of sks dog on a beach"]
+    assert "--run-dir results/runs/rex" in " ".join(shell_commands(subject, "train"))
+    assert f"results/data/{pets.name}+prior-dogs" in subject.stdout
+
 
 SDXL_COMMAND = ("snakemake --cores all --configfile config/gpu.yaml config/sdxl.yaml --config "
                 "model__pretrained=/models/sdxl-base data__source=imagefolder:/data/pets run=pets-sdxl")
@@ -238,36 +262,6 @@ def test_sdxl_config_reaches_the_stages(tmp_path, pets):
             train["precision"]) == (8, True, False, 2, "bf16")
     assert cfg["sample"]["sample"]["resolution"] == ["1024x1024", "1152x896", "896x1152"]
     assert "--run-dir results/runs/pets-sdxl" in " ".join(shell_commands(proc, "train"))
-
-
-SMALL_DATA_YOURS = ("snakemake --cores all --configfile config/small-data.yaml --config model__pretrained=/models/sd15 "
-                    "data__source=imagefolder:/data/rex data__caption=\"a photo of sks dog\" "
-                    "data__prior__source=imagefolder:/data/dogs data__prior__caption=\"a photo of a dog\" "
-                    "sample__prompts='[\"a photo of sks dog on a beach\"]' run=rex")
-
-
-@runs(SMALL_DATA_YOURS)
-def test_small_data_config_for_your_own_subject_reaches_the_stages(tmp_path, pets, sd15):
-    """config/small-data.yaml's command for your own subject: the captions, the prior source and the
-    LoRA recipe reach prepare, train and sample (bug caught: the recipe file holding the demo's data
-    or prompts, which the user's --config could not clear: Snakemake merges dicts)."""
-    repo = copy_repo(tmp_path / "repo")
-    dogs = tmp_path / "dogs"
-    shutil.copytree(pets, dogs)
-    (proc,) = _dry_runs(repo, [(SMALL_DATA_YOURS, {"/models/sd15": str(sd15), "/data/rex": str(pets),
-                                                   "/data/dogs": str(dogs)})])
-    cfg = stage_configs(proc)
-    data = cfg["prepare"]["data"]
-    assert (data["source"], data["caption"]) == (f"imagefolder:{pets}", "a photo of sks dog")
-    assert data["prior"] == {"source": f"imagefolder:{dogs}", "caption": "a photo of a dog", "loss_weight": 1.0,
-                             "share": 0.5}
-    train = cfg["train"]["train"]
-    assert (train["mode"], train["lora"]["rank"], train["micro_batch"], train["caption_dropout"], train["lr"],
-            train["steps"]) == ("lora", 8, 8, 0.0, 1e-4, 800)
-    assert cfg["sample"]["sample"]["prompts"] == ["a photo of sks dog on a beach"]
-    assert cfg["sample"]["sample"]["prompt_digits"] == {}
-    assert "--run-dir results/runs/rex" in " ".join(shell_commands(proc, "train"))
-    assert f"results/data/{pets.name}+prior-dogs" in proc.stdout
 
 
 @pytest.mark.parametrize("typed, key", [

@@ -382,10 +382,13 @@ def test_changed_settings_are_named_and_resume_never_starts_fresh(built, tmp_pat
     assert "train.lr: 0.001 -> 0.5" in proc.stderr and "train.snr_gamma: None -> 5.0" in proc.stderr
     assert latest_tag(run_dir) == "step00000003"  # refused before anything was touched
     assert json.loads((run_dir / "train.json").read_text())["final_step"] == 3
-    # fp16 on a machine without a GPU: one line naming the key (DeepSpeed's own error came from every
-    # rank after start-up), before anything is touched
-    fp16 = train(built, run_dir, *one_rank, "train.steps=3", "train.precision=fp16", check=False)
-    assert fp16.returncode == 2 and "train.precision fp16 needs a GPU" in fp16.stderr, fp16.stderr[-2000:]
+    # fp16 on a machine without a GPU: refused by the checks before any rank starts (DeepSpeed's own
+    # error came from every rank after start-up), before anything is touched
+    from workflow.train import preflight
+
+    with pytest.raises(ValueError, match="train.precision fp16 needs a GPU"):
+        preflight(tiny_config(*one_rank, "train.steps=3", "train.precision=fp16"), built["latents"], built["model"],
+                  built["data"], run_dir, 1)
     assert json.loads((run_dir / "train.json").read_text())["final_step"] == 3
     fresh = train(built, run_dir, *one_rank, "train.steps=2", "train.lr=0.5", "train.resume=never")
     assert "resumed" not in fresh.stdout
