@@ -1,5 +1,7 @@
-# A Hub data set is downloaded by prepare: then it runs where the internet is (the login node).
-if CFG.data.source.startswith("hf:") and not Path(CFG.data.source[3:]).expanduser().exists():
+# A Hub data set (the data's or the prior images') is downloaded by prepare: then it runs where the
+# internet is (the login node).
+if any(source and source.startswith("hf:") and not Path(source[3:]).expanduser().exists()
+       for source in (CFG.data.source, CFG.data.prior.source)):
 
     localrules:
         prepare,
