@@ -3,6 +3,7 @@
     python bench/train.py                                  # GPU: SD 1.5 UNet, 512 px, config/gpu.yaml
     python bench/train.py --gpus 1,2,4                     # scaling: the stage on 1, 2 and 4 GPUs
     python bench/train.py --set train.micro_batch=1 --set train.offload_optimizer=cpu --no-baseline
+    python bench/train.py --configfile config/gpu.yaml config/cards/24gb.yaml --memory-cap-gb 24  # a 24 GB card
     python bench/train.py --model builtin:tiny --images 96 --resolution 32 --set train.micro_batch=4 \\
         --set train.compile=false --steps 6 --warmup 2 --log-every 2          # CPU smoke run
 
@@ -14,7 +15,10 @@ functions), then time
   train_stage:   `python -m workflow.train` itself (DeepSpeed engine, EMA, data streamed from the
                  latent shards by its prefetch thread, one rank per GPU), from its log.jsonl.
 Steady state = the steps after `--warmup` (compilation, allocator warm-up). Peak memory is
-torch.cuda.max_memory_allocated (and _reserved) of the busiest rank.
+torch.cuda.max_memory_allocated (and _reserved) of the busiest rank. --memory-cap-gb N caps the plain
+loop and every rank of the stage (train.memory_cap_gb) at N GiB of PyTorch's allocator, so a recipe
+that needs more runs out of memory as it would on that card (whose CUDA context, ~0.5 GB, the cap
+does not count).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from workflow.latents import LatentStream  # noqa: E402
 from workflow.models import added_conditions, latent_scaling, load_noise_scheduler, load_unet, load_vae  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
+from workflow.train import cap_gpu_memory  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
@@ -77,6 +82,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     """The textbook loop on the same UNet: what the DeepSpeed step is held to."""
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cap_gpu_memory(device, t.memory_cap_gb)
     unet = load_unet(model_dir).to(device)
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -213,6 +219,8 @@ def main() -> None:
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts for the train stage")
     ap.add_argument("--aspects", default="", help="photo aspect ratios W:H in turn, e.g. 3:2,2:3,1:1 (with --set "
                     "cache.buckets=auto: a bucketed run); default: all (resolution+64) x resolution")
+    ap.add_argument("--memory-cap-gb", type=float, default=None, help="GiB of GPU memory each process may use "
+                    "(train.memory_cap_gb), the plain loop's too: a smaller card's recipe on a big GPU")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--workdir", default=None, help="kept between runs (model, data, latents)")
     ap.add_argument("--label", default="")
@@ -224,6 +232,8 @@ def main() -> None:
         if args.warmup < 6:
             ap.error("--profile needs --warmup 6 or more (3 profiled steps after the first ones)")
         args.set.append(f"train.profile_at={args.warmup - 4}")
+    if args.memory_cap_gb:
+        args.set.append(f"train.memory_cap_gb={args.memory_cap_gb}")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
     cfg = bench_config(args, root)
@@ -241,8 +251,8 @@ def main() -> None:
               "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
                                                              "offload_optimizer", "compile", "compile_shapes",
-                                                             "gradient_checkpointing", "mode")},
-              "ema": cfg.ema.decay, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
+                                                             "gradient_checkpointing", "mode", "memory_cap_gb")},
+              "ema": {"decay": cfg.ema.decay, "offload": cfg.ema.offload}, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
     if not args.no_baseline:
         result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup,
                                                  root / "profile-plain")

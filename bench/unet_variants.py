@@ -15,6 +15,10 @@ latents and text states of SD 1.5's shapes resident on the GPU. Each variant run
 --compile-shapes is train.compile_shapes (workflow.engine.compile_forward), and the JSON gives each
 shape's first-step (compile) seconds, its steady img/s and the graphs Dynamo compiled.
 
+--take-turns DIR:K:N: N of these processes share one GPU; they compile side by side (compilation is
+mostly host work), then time one at a time in the order of K (0 first), meeting through files in DIR:
+N variants in about the time of the slowest compile, each timed alone.
+
 Variants:
   base              torch defaults (SDPA picks its backend: cuDNN attention on Hopper)
   cudnn_benchmark   torch.backends.cudnn.benchmark = True
@@ -62,6 +66,38 @@ def apply_process_settings(variant: str) -> None:
             inductor.epilogue_fusion = False
 
 
+def wait_for(check, what: str, deadline_s: float = 1200) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"unet_variants: gave up waiting for {what} after {deadline_s:.0f} s")
+        time.sleep(0.5)
+
+
+class Turns:
+    """Processes sharing a GPU: all compile at once, then each times alone, in turn."""
+
+    def __init__(self, spec: str | None):
+        self.dir, self.k, self.n = None, 0, 1
+        if spec:
+            folder, k, n = spec.rsplit(":", 2)
+            self.dir, self.k, self.n = Path(folder), int(k), int(n)
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def mine(self) -> None:
+        """Return when every process has compiled and the previous one has finished timing."""
+        if self.dir is None:
+            return
+        (self.dir / f"ready-{self.k}").touch()
+        wait_for(lambda: len(list(self.dir.glob("ready-*"))) >= self.n, "every process to compile")
+        if self.k:
+            wait_for((self.dir / f"done-{self.k - 1}").exists, f"turn {self.k - 1} to finish timing")
+
+    def done(self) -> None:
+        if self.dir is not None:
+            (self.dir / f"done-{self.k}").touch()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variant", choices=VARIANTS)
@@ -70,6 +106,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps (per shape)")
     ap.add_argument("--shapes", default="512x512", help="comma-separated WxH image sizes, in turn")
     ap.add_argument("--compile-shapes", default="auto", choices=("auto", "dynamic", "per_bucket"))
+    ap.add_argument("--take-turns", metavar="DIR:K:N", help="share the GPU with N-1 other runs (see above)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/unet_variants.py needs a CUDA GPU")
@@ -115,6 +152,8 @@ def main() -> None:
 
     first_s = {size_name(size): round(timed(size, 1), 1) for size in sizes}  # each shape's first step compiles
     warm_s = sum(timed(sizes[i % len(sizes)], 1) for i in range(args.warmup))
+    turns = Turns(args.take_turns)
+    turns.mine()
     torch.cuda.reset_peak_memory_stats()
     # the shapes interleaved, as buckets come in training
     per_size = {size: 0.0 for size in sizes}
@@ -122,6 +161,7 @@ def main() -> None:
         size = sizes[i % len(sizes)]
         per_size[size] += timed(size, 1)
     seconds = sum(per_size.values())
+    turns.done()
     from torch._dynamo.utils import counters
 
     print(json.dumps({"variant": variant, "mb": mb, "compile_shapes": args.compile_shapes,

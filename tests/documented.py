@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("snakemake", "make", "python", "python3", "pip", "source", "export")
 COMMENTED = ["config.yaml", "Snakefile", "profiles/local/config.yaml", "profiles/slurm/config.yaml",
              "config/gpu.yaml", "config/one-gpu.yaml", "config/sdxl.yaml", "config/small-data.yaml",
-             "config/small-data-demo.yaml"]
+             "config/small-data-demo.yaml", "config/cards/24gb.yaml", "config/cards/16gb.yaml",
+             "config/cards/8gb.yaml"]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -60,7 +62,12 @@ def documented_commands() -> dict[str, str]:
 
 
 def copy_repo(dst: Path) -> Path:
-    """The checkout as a fresh clone has it (tracked and not-ignored files), links kept as links."""
+    """The checkout as a fresh clone has it (tracked and not-ignored files), links kept as links. A
+    copy of the tree without its .git (the GPU machines get one): every file but what a run writes."""
+    if not (REPO / ".git").exists():
+        shutil.copytree(REPO, dst, symlinks=True, ignore=shutil.ignore_patterns(
+            ".venv", "results", "resources", "logs", "benchmarks", ".snakemake", "wheelhouse", "__pycache__"))
+        return dst
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout
     dst.mkdir(parents=True, exist_ok=True)

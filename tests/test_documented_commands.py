@@ -164,6 +164,28 @@ def test_slurm_profile_by_name_from_the_repo_root(tmp_path, sd15):
     assert (cfg["train"]["zero_stage"], cfg["train"]["precision"], cfg["cache"]["resolution"]) == (2, "bf16", 512)
 
 
+CARDS = {"24gb": "snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml config/cards/24gb.yaml --config ...",
+         "16gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/16gb.yaml --config ...",
+         "8gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/16gb.yaml config/cards/8gb.yaml --config ..."}
+
+
+@runs(*CARDS.values())
+def test_card_recipes_reach_the_train_stage(tmp_path):
+    """Each card-size recipe's command as its file shows it: the settings measured under that
+    memory cap (BENCHMARKS.md) are what the train stage gets (bug caught: a layer order in the
+    comment that lets a later file undo the recipe, e.g. one-gpu.yaml's ZeRO-0 over the offload)."""
+    repo = copy_repo(tmp_path / "repo")
+    procs = dict(zip(CARDS, _dry_runs(repo, [(command, {" ...": ""}) for command in CARDS.values()])))
+    want = {"24gb": (8, 4, 0, "bf16-mixed", "none", "cpu"), "16gb": (8, 16, 2, "bf16", "cpu", "cpu"),
+            "8gb": (4, 32, 2, "bf16", "cpu", "cpu")}
+    for card, proc in procs.items():
+        cfg = stage_configs(proc)["train"]
+        t = cfg["train"]
+        got = (t["micro_batch"], t["grad_accum"], t["zero_stage"], t["precision"], t["offload_optimizer"],
+               cfg["ema"]["offload"])
+        assert got == want[card] and t["compile"] and t["memory_cap_gb"] is None, (card, got)
+
+
 SMALL_DATA_YOURS = ("snakemake --cores all --configfile config/small-data.yaml --config model__pretrained=/models/sd15 "
                     "data__source=imagefolder:/data/rex data__caption=\"a photo of sks dog\" "
                     "data__prior__source=imagefolder:/data/dogs data__prior__caption=\"a photo of a dog\" "
@@ -526,6 +548,35 @@ def test_snakemake_killed_mid_train_then_unlock_and_rerun(tiny_repo, tmp_path):
 
 
 # ---------------------------------------------------------------- GPU-only lines
+
+
+@runs("snakemake --cores all --config train__precision=fp16 ema__offload=cpu run=fp16")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 training needs a GPU")
+def test_fp16_with_the_ema_in_host_memory_on_a_gpu(tmp_path):
+    """The README's fp16 line as written: the default digits run in fp16 with its EMA in host
+    memory runs every stage, and the merged EMA draws the prompted digits (catches a loss scaler
+    that skips every step or diverges, and an offloaded EMA that is never updated: its merge would
+    draw noise). Then a run whose loss scale starts at 2^32 shows DeepSpeed skipping the overflowing
+    steps and train.json counting them (a count stuck at 0 fails), training still reaching its steps."""
+    repo = copy_repo(tmp_path / "repo")
+    full = run_documented("snakemake --cores all --config train__precision=fp16 ema__offload=cpu run=fp16", repo,
+                          timeout=1800)
+    assert full.returncode == 0, full.stderr[-5000:]
+    run = repo / "results" / "runs" / "fp16"
+    result = json.loads((run / "train.json").read_text())
+    assert result["precision"] == "fp16" and result["final_step"] == 300, result
+    metrics = json.loads((run / "samples" / "metrics.json").read_text())
+    assert metrics["digit_accuracy"] >= 0.90, metrics
+    merge = json.loads((run / "model" / "merge.json").read_text())
+    assert merge["weights"] == "ema" and merge["verified_against_engine"], merge
+    overflow = run_documented("snakemake --cores all --until train --config train__precision=fp16 run=fp16-overflow "
+                              "train__steps=40 train__deepspeed__fp16__initial_scale_power=32", repo, timeout=1800)
+    assert overflow.returncode == 0, overflow.stderr[-5000:]
+    result = json.loads((repo / "results/runs/fp16-overflow/train.json").read_text())
+    # 2^32 halves to a scale that fits in some 16 steps (hysteresis 2): every one of those is skipped
+    assert 8 <= result["overflow_skipped_steps"] <= 30 and result["final_step"] == 40, result
+    print(json.dumps({"fp16": {k: result[k] for k in ("overflow_skipped_steps", "final_loss")},
+                      "digit_accuracy": metrics["digit_accuracy"]}))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bench/train.py measures GPUs")

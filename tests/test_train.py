@@ -63,7 +63,10 @@ def test_generated_deepspeed_config(tmp_path):
     ("train.offload_params=cpu", "train.offload_params"),
     ("train.offload_optimizer=cpu", "train.offload_optimizer"),
     ("train.deepspeed={'train_batch_size': 64}", "train.deepspeed.train_batch_size: set train.micro_batch"),
-    ("train.deepspeed={'bf16': {'enabled': true}}", "train.deepspeed.bf16: set train.precision"),
+    ("train.deepspeed={'bf16': {'enabled': true}}", "train.deepspeed.bf16.enabled: set train.precision"),
+    # the loss scaler's settings tune fp16 only: with bf16 DeepSpeed would read and drop them
+    ("train.deepspeed={'fp16': {'initial_scale_power': 32}}", "train.deepspeed.fp16: has no effect unless "
+     "train.precision is fp16"),
     ("train.deepspeed={'zero_optimizations': {}}", "train.deepspeed.zero_optimizations: not a DeepSpeed config key"),
     ("train.deepspeed={'zero_optimization': {'stage': 3}}", "set train.zero_stage"),
     ("train.deepspeed={'zero_optimization': {'reduce_bucket_size': 1}}", "has no effect with train.zero_stage 0"),
@@ -74,6 +77,14 @@ def test_generated_deepspeed_config(tmp_path):
 def test_values_deepspeed_would_ignore_are_rejected(override, names):
     with pytest.raises(ConfigError, match=names.replace("(", r"\(")):
         tiny_config(override)
+
+
+def test_loss_scaler_settings_reach_deepspeed_with_fp16(tmp_path):
+    """fp16's tuning keys pass through to DeepSpeed's fp16 section beside train.precision's own
+    (catches a merge that drops them, or one that lets them turn fp16 off)."""
+    cfg = tiny_config("train.precision=fp16", "train.deepspeed={'fp16': {'initial_scale_power': 32}}")
+    fp16 = deepspeed_config(cfg, 1, tmp_path)["fp16"]
+    assert fp16 == {"enabled": True, "loss_scale": 0, "initial_scale_power": 32}, fp16
 
 
 def test_stage3_keys_are_refused_below_stage_3():
@@ -388,6 +399,10 @@ def test_changed_settings_are_named_and_resume_never_starts_fresh(built, tmp_pat
 
     with pytest.raises(ValueError, match="train.precision fp16 needs a GPU"):
         preflight(tiny_config(*one_rank, "train.steps=3", "train.precision=fp16"), built["latents"], built["model"],
+                  built["data"], run_dir, 1)
+    # A memory cap without a GPU would be a run that looks capped and is not (a card recipe tried here)
+    with pytest.raises(ValueError, match="train.memory_cap_gb 24.0 needs a GPU"):
+        preflight(tiny_config(*one_rank, "train.steps=3", "train.memory_cap_gb=24"), built["latents"], built["model"],
                   built["data"], run_dir, 1)
     assert json.loads((run_dir / "train.json").read_text())["final_step"] == 3
     fresh = train(built, run_dir, *one_rank, "train.steps=2", "train.lr=0.5", "train.resume=never")

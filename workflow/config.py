@@ -138,11 +138,19 @@ OWNED_ZERO_KEYS = {"stage": "train.zero_stage", "offload_optimizer": "train.offl
                    "offload_param": "train.offload_params"}
 
 
-def deepspeed_problems(raw: dict[str, Any], zero_stage: int) -> list[str]:
+def deepspeed_problems(raw: dict[str, Any], zero_stage: int, precision: str = "fp32") -> list[str]:
     """Raw `train.deepspeed` values that DeepSpeed would take and then not act on."""
     problems = []
     for key in raw:
-        if key in OWNED_KEYS:
+        if key in ("fp16", "bf16") and isinstance(raw[key], dict):
+            # `enabled` is train.precision's; the rest tunes it (fp16: the loss scaler's
+            # initial_scale_power, loss_scale_window, hysteresis, min_loss_scale)
+            if "enabled" in raw[key]:
+                problems.append(f"train.deepspeed.{key}.enabled: set train.precision instead")
+            elif precision != key:
+                problems.append(f"train.deepspeed.{key}: has no effect unless train.precision is {key} "
+                                f"(it is {precision})")
+        elif key in OWNED_KEYS:
             problems.append(f"train.deepspeed.{key}: set {OWNED_KEYS[key]} instead")
         elif key not in DEEPSPEED_KEYS:
             problems.append(f"train.deepspeed.{key}: not a DeepSpeed config key (DeepSpeed would ignore it)")
@@ -204,6 +212,10 @@ class TrainConfig(Section):
     offload_params: Literal["none", "cpu"] = Field("none", description="cpu: parameters on the CPU between uses (ZeRO 3)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
     gradient_checkpointing: bool = False
+    memory_cap_gb: float | None = Field(
+        None, gt=0, description="cap each rank's GPU memory at this many GiB (torch.cuda."
+        "set_per_process_memory_fraction): a recipe for a smaller card runs out of memory here as it would "
+        "there (config/cards/); null: the whole card")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
     compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
         "auto", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
@@ -245,7 +257,7 @@ class TrainConfig(Section):
             raise ValueError(f"train.offload_params: cpu needs train.zero_stage 3 (got {self.zero_stage})")
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
             raise ValueError("train.offload_optimizer: cpu needs train.zero_stage 1, 2 or 3 (got 0)")
-        problems = deepspeed_problems(self.deepspeed, self.zero_stage)
+        problems = deepspeed_problems(self.deepspeed, self.zero_stage, self.precision)
         if problems:
             raise ValueError("\n".join(problems))
         return self

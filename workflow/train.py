@@ -151,6 +151,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     world = init_world()
     device = device_for(world)
     t = cfg.train
+    cap_gpu_memory(device, t.memory_cap_gb)
     dtype = PRECISION_DTYPES[t.precision]
     ckpt_dir = run_dir / "checkpoints"
     if world.is_main:
@@ -325,6 +326,27 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def check_memory_cap(cap_gb: float | None) -> None:
+    """A cap that cannot apply is an error, not a run on the whole card (or on the CPU) that looks capped."""
+    if cap_gb is None:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"train.memory_cap_gb {cap_gb} needs a GPU (this machine has none); leave it null here")
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if cap_gb > total:
+        raise ValueError(f"train.memory_cap_gb {cap_gb} is more than this GPU's {total:.1f} GiB "
+                         f"({torch.cuda.get_device_name(0)})")
+
+
+def cap_gpu_memory(device: torch.device, cap_gb: float | None) -> None:
+    """This process may allocate at most `cap_gb` GiB on `device`: past it the caching allocator raises
+    out-of-memory as the smaller card would (what it counts is reserved memory, as on that card)."""
+    if cap_gb is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
+
+
 def _peak_gpu_memory(device: torch.device) -> tuple[int, ...]:
     """(allocated, reserved) peak bytes of this rank's GPU; () on the CPU."""
     if device.type != "cuda":
@@ -356,6 +378,7 @@ def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, ru
     """Checked once, before any rank starts, so input errors are one clear line."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision fp16 needs a GPU: DeepSpeed has no fp16 on the CPU; use bf16 or fp32 here")
+    check_memory_cap(cfg.train.memory_cap_gb)
     check_cache(cfg, latent_dir, model_dir, data_dir)
     check_zero_section(deepspeed_config(cfg, nprocs, run_dir))
     checkpoints.prepare_dir(cfg, run_dir / "checkpoints", nprocs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import torch
 from conftest import (REPO, TINY_OVERRIDES, run_stage, shared_once, stage_argv, stage_env, tiny_config, train,
                       train_args)
+from documented import copy_repo, run_documented
 from test_cache import assert_same_content, cache_args
 from test_stages import test_train_refuses_a_stale_cache as stale_cache_check
 from test_train import _take, final_weights, kill_during, latest_tag, logged_steps
@@ -265,30 +267,36 @@ def test_non_finite_loss(built, tmp_path, ledger):
         non_finite_check(built, tmp_path)  # skipped + counted; then stopped
 
 
-def test_snakemake_retry_resumes_training(tmp_path, ledger):
-    """A train job that fails (here: stopped by SIGTERM, exit 75) is retried by Snakemake
-    (--retries 1), and the retry resumes from the checkpoint."""
+def test_local_profile_retry_resumes_a_killed_rank(tmp_path, ledger):
+    """`snakemake --profile profiles/local` as the README shows it (a copy of the checkout, its root
+    as the working directory), told by --config what to train: one training rank is SIGKILLed after
+    a checkpoint; the launcher stops the other, the job fails, the profile's `retries: 1` restarts it
+    and the retry resumes from that checkpoint. Catches a profile whose retries do not reach
+    Snakemake (the job would stay failed) and a retry that starts over (resumed_from 0)."""
+    repo = copy_repo(tmp_path / "repo")
     overrides = [o for o in TINY_OVERRIDES if not o.startswith(("train.steps", "train.checkpoint_every"))]
-    overrides += ["train.steps=80", "train.checkpoint_every=1000"]
-    config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in overrides)]
-    cmd = [str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(REPO / "Snakefile"), "--directory",
-           str(tmp_path), "--cores", "2", "--retries", "1", "--until", "train", "--configfile",
-           str(REPO / "config.yaml"), "--config", *config]
-    with ledger.fault("Snakemake train job failure with --retries"):
-        proc = subprocess.Popen(cmd, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        run_dir = tmp_path / "results" / "runs" / "digits-tiny"
+    overrides += ["train.steps=60", "train.checkpoint_every=10"]
+    config = " ".join(k.replace(".", "__") + "=" + shlex.quote(v) for k, v in (o.split("=", 1) for o in overrides))
+    command = f"snakemake --profile profiles/local --until train --config {config}"
+    with ledger.fault("SIGKILL of one training rank under --profile profiles/local (retries: 1)") as row:
+        proc = run_documented(command, repo, wait=False)
+        run_dir = repo / "results" / "runs" / "digits-tiny"
         deadline = time.time() + 600
-        while len(logged_steps(run_dir)) < 5:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() else "timeout"
+        while not (latest_tag(run_dir) and max(logged_steps(run_dir), default=0) > int(latest_tag(run_dir)[4:])):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint and a later step in 600 s"
             time.sleep(0.2)
-        ranks = [pid for pid in _pids_in(tmp_path) if "-mworkflow.train" in _cmdline(pid)]
-        assert ranks, "no training processes found"
-        for pid in ranks:  # every training process, as Slurm signals a job step
-            os.kill(pid, signal.SIGTERM)
+        killed_after = int(latest_tag(run_dir)[4:])
+        ranks = [pid for pid in _pids_in(repo) if "-mworkflow.train" in _cmdline(pid) and _environ(pid).get("RANK") == "1"]
+        assert len(ranks) == 1, f"rank 1 of training not found: {ranks}"
+        os.kill(ranks[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, out[-4000:]
+        assert "Error in rule train" in out, "the kill did not fail the job (it landed after training ended?)"
         result = json.loads((run_dir / "train.json").read_text())
-        assert result["resumed_from"] >= 5 and result["final_step"] == 80, result
+        row.fault += " (data lost: in steps never trained)"
+        row.data_lost = 60 - result["final_step"]
+        assert result["resumed_from"] >= killed_after > 0 and result["final_step"] == 60, result
 
 
 def _pids_in(folder: Path) -> list[int]:
@@ -301,6 +309,14 @@ def _pids_in(folder: Path) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return {}
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
 def _cmdline(pid: int) -> str:
