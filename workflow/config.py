@@ -222,6 +222,10 @@ class TrainConfig(Section):
         "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "
         "limit raised to fit them); auto: torch's default (static for the first shape, one dynamic recompile "
         "at the second)")
+    compile_cache: str | None = Field(
+        "resources/compile-cache", description="folder for Inductor's compiled graphs and kernels "
+        "(TORCHINDUCTOR_CACHE_DIR), relative to the workflow folder: a rerun, a resume or another node on the "
+        "same filesystem loads what an earlier run compiled; null: torch's default (/tmp, per machine)")
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
     seed: int = 0
     val_samples: int | Literal["auto"] = Field(

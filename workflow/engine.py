@@ -7,6 +7,7 @@ DeepSpeed keys, checked in config.py for what DeepSpeed would silently ignore) i
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,16 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
     remove_step_syncs(engine.optimizer)
     lighten_zero0_step(engine, world_size)
     if cfg.train.compile:
+        use_compile_cache(cfg.train.compile_cache)
         compile_forward(unet, cfg.train.compile_shapes, shapes)
     return engine, lr_sched
+
+
+def use_compile_cache(folder: str | None) -> None:
+    """Inductor's on-disk caches (FX graphs, AOTAutograd, Triton kernels) in `folder`, before the first
+    compile reads the location."""
+    if folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder).resolve())
 
 
 def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1) -> None:
