@@ -171,3 +171,23 @@ def test_compiled_forward_meets_every_bucket_shape_compiled(monkeypatch, mode, g
             conv(torch.randn(2, 3, 24 - width, width)).sum().backward()
         assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+def test_compiled_graphs_land_in_the_configured_cache(monkeypatch, tmp_path):
+    """train.compile_cache reaches Inductor: what it compiles is written there, where a rerun on this
+    filesystem finds it (bug caught: the location set after Inductor has read it, so every run
+    compiles afresh in /tmp). Inductor's CPU code generation: a small function, seconds."""
+    import torch._dynamo
+
+    from workflow.engine import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    use_compile_cache(str(tmp_path / "cache"))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1)
+    x = torch.randn(16, 8)
+    assert torch.allclose(fn(x), torch.nn.functional.silu(x) * 2 + 1)
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert any("fxgraph" in p.parts for p in written), sorted(str(p.relative_to(tmp_path)) for p in written)[:20]
+    torch._dynamo.reset()

@@ -218,7 +218,7 @@ class TrainConfig(Section):
         "there (config/cards/); null: the whole card")
     compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
     compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
-        "auto", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
+        "per_bucket", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
         "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "
         "limit raised to fit them); auto: torch's default (static for the first shape, one dynamic recompile "
         "at the second)")
