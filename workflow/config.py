@@ -138,7 +138,7 @@ OWNED_ZERO_KEYS = {"stage": "train.zero_stage", "offload_optimizer": "train.offl
                    "offload_param": "train.offload_params"}
 
 
-def deepspeed_problems(raw: dict[str, Any], zero_stage: int, precision: str = "fp32") -> list[str]:
+def deepspeed_problems(raw: dict[str, Any], zero_stage: int, precision: str) -> list[str]:
     """Raw `train.deepspeed` values that DeepSpeed would take and then not act on."""
     problems = []
     for key in raw:
