@@ -250,7 +250,7 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
               "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
-                                                             "offload_optimizer", "compile", "compile_shapes",
+                                                             "offload_optimizer", "offload_optimizer_ratio", "compile", "compile_shapes",
                                                              "gradient_checkpointing", "mode", "memory_cap_gb")},
               "ema": {"decay": cfg.ema.decay, "offload": cfg.ema.offload}, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
     if not args.no_baseline:

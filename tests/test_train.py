@@ -42,6 +42,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_generated_deepspeed_config(tmp_path):
     ds = deepspeed_config(tiny_config("train.zero_stage=3", "train.offload_optimizer=cpu", "train.offload_params=cpu",
+                                      "train.offload_optimizer_ratio=0.25",
                                       "train.precision=fp16", "train.grad_accum=4", "train.max_grad_norm=0.5",
                                       "train.deepspeed={'zero_optimization': {'stage3_max_live_parameters': 1000},"
                                       " 'wall_clock_breakdown': true}", "train.wandb.enabled=true"), 2, tmp_path)
@@ -49,6 +50,7 @@ def test_generated_deepspeed_config(tmp_path):
     assert ds["train_batch_size"] == 8 * 4 * 2 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["ratio"] == 0.25  # partial offload reaches DeepSpeed
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # raw keys merged last
     assert ds["wall_clock_breakdown"] is True and ds["wandb"]["enabled"] is True
@@ -62,6 +64,9 @@ def test_generated_deepspeed_config(tmp_path):
 @pytest.mark.parametrize("override, names", [
     ("train.offload_params=cpu", "train.offload_params"),
     ("train.offload_optimizer=cpu", "train.offload_optimizer"),
+    # DeepSpeed reads the ratio in ZeRO-3 only: ZeRO-2 would offload everything, silently
+    (("train.zero_stage=2", "train.offload_optimizer=cpu", "train.offload_optimizer_ratio=0.5"),
+     "train.offload_optimizer_ratio: 0.5 needs train.offload_optimizer: cpu and train.zero_stage 3"),
     ("train.deepspeed={'train_batch_size': 64}", "train.deepspeed.train_batch_size: set train.micro_batch"),
     ("train.deepspeed={'bf16': {'enabled': true}}", "train.deepspeed.bf16.enabled: set train.precision"),
     # the loss scaler's settings tune fp16 only: with bf16 DeepSpeed would read and drop them
@@ -76,7 +81,7 @@ def test_generated_deepspeed_config(tmp_path):
 ])
 def test_values_deepspeed_would_ignore_are_rejected(override, names):
     with pytest.raises(ConfigError, match=names.replace("(", r"\(")):
-        tiny_config(override)
+        tiny_config(*(override if isinstance(override, tuple) else (override,)))
 
 
 def test_loss_scaler_settings_reach_deepspeed_with_fp16(tmp_path):

@@ -210,6 +210,10 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="cpu: optimizer states + step on the CPU (ZeRO >= 1)")
     offload_params: Literal["none", "cpu"] = Field("none", description="cpu: parameters on the CPU between uses (ZeRO 3)")
+    offload_optimizer_ratio: float = Field(
+        1.0, gt=0, le=1, description="with offload_optimizer cpu and ZeRO 3: the share of the optimizer states "
+        "(and their step) kept on the CPU, the rest updated on the GPU (DeepSpeed's partial offload, "
+        "offload_optimizer.ratio); 1: all on the CPU")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
     gradient_checkpointing: bool = False
     memory_cap_gb: float | None = Field(
@@ -261,6 +265,11 @@ class TrainConfig(Section):
             raise ValueError(f"train.offload_params: cpu needs train.zero_stage 3 (got {self.zero_stage})")
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
             raise ValueError("train.offload_optimizer: cpu needs train.zero_stage 1, 2 or 3 (got 0)")
+        if self.offload_optimizer_ratio < 1 and (self.offload_optimizer != "cpu" or self.zero_stage != 3):
+            # DeepSpeed reads the ratio in ZeRO-3 only: elsewhere the whole optimizer would stay offloaded
+            raise ValueError(f"train.offload_optimizer_ratio: {self.offload_optimizer_ratio} needs "
+                             f"train.offload_optimizer: cpu and train.zero_stage 3 (got {self.offload_optimizer}, "
+                             f"{self.zero_stage})")
         problems = deepspeed_problems(self.deepspeed, self.zero_stage, self.precision)
         if problems:
             raise ValueError("\n".join(problems))

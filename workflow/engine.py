@@ -26,7 +26,8 @@ def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, A
         # offload turns it back on inside DeepSpeed, which needs it there.
         zero["contiguous_gradients"] = False
     if t.offload_optimizer == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available(),
+                                     "ratio": t.offload_optimizer_ratio}
     if t.offload_params == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     monitor = str(run_dir / "monitor")
