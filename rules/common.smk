@@ -31,9 +31,9 @@ def train_threads():
     cores of one node's GPUs."""
     if os.environ.get("SLURM_JOB_ID") or workflow._cores is None:
         return SLURM.cpus_per_gpu * SLURM.gpus_per_node
-    import torch
+    from workflow.gpus import visible_gpus
 
-    return max(torch.cuda.device_count() if torch.cuda.is_available() else CFG.train.procs, 1)
+    return max(visible_gpus() or CFG.train.procs, 1)
 
 
 # ---- Slurm resources (profiles/slurm); a local run ignores them

@@ -114,6 +114,40 @@ def _dry_runs(cwd: Path, cases: list[tuple[str, dict]]) -> list[subprocess.Compl
     return procs
 
 
+def test_train_threads_follow_the_gpus_a_job_sees(tmp_path, monkeypatch):
+    """The train rule reserves one core per GPU its ranks will use, counted without importing torch
+    at parse time (workflow/gpus.py): it agrees with torch here, follows CUDA_VISIBLE_DEVICES as
+    CUDA does, and falls back to train.procs without GPUs (bugs caught: a GPU node's train job
+    reserving train.procs cores, or every GPU of the node when the job sees two). A fake nvidia-smi
+    lists four GPUs; --cores 8 so that Snakemake's cap on threads does not hide the count."""
+    from workflow.gpus import visible_gpus
+
+    assert visible_gpus() == torch.cuda.device_count()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H200 (UUID: GPU-$i)"; done\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == 4
+    for listed, want in (("1,3", 2), ("", 0), ("0,-1,2", 1), ("0,1,2,3,4,5", 4)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+        assert visible_gpus() == want, listed
+    repo = copy_repo(tmp_path / "repo")
+
+    def train_threads() -> int:
+        proc = run_documented("snakemake -n --cores 8 --config train__procs=3", repo)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        block = proc.stdout.split("rule train:")[1]
+        return int(block.split("threads: ")[1].split()[0])
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert train_threads() == 2
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(os.pathsep, 1)[1])  # the fake one gone
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == torch.cuda.device_count() and train_threads() == (torch.cuda.device_count() or 3)
+
+
 @runs("snakemake -n", "snakemake --cores all --until cache", "snakemake --cores all --config train__steps=1000 run=longer",
       "snakemake --cores all --config train__steps=100 run=short", "snakemake --profile profiles/local",
       "snakemake --profile slurm -n")
