@@ -76,7 +76,7 @@ def test_every_documented_command_is_run_by_a_test():
 
 def test_ci_runs_the_documented_test_commands():
     ci = (REPO / ".ci" / "run").read_text()
-    lines = [line.strip().split(" PYTEST_ARGS=")[0] for line in ci.splitlines()]
+    lines = [line.split(" PYTEST_ARGS=")[0] for line in ci.splitlines()]
     for target in ("install", "test", "test-e2e", "test-faults", "test-slurm"):
         assert f"make {target}" in lines, f"make {target} not in .ci/run"
 
