@@ -157,12 +157,16 @@ def test_posthoc_math():
     assert x == pytest.approx([0, 1], abs=1e-9) and err == pytest.approx(0, abs=1e-6)
 
 
-def test_ema_is_updated_once_per_optimizer_step(built, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_ema_is_updated_once_per_optimizer_step(built, tmp_path, offload):
     """With grad_accum 2, decay 0.5 and no warm-up, the EMA after 3 steps is exactly the EMA of the
-    3 optimizer steps' weights, not of 6 micro-steps."""
+    3 optimizer steps' weights, not of 6 micro-steps; in host memory too, where it updates in a
+    worker thread that every checkpoint must wait for (a checkpoint taken mid-update, or an update
+    that missed a step, fails here)."""
     run_dir = tmp_path / "run"
     overrides = ["train.grad_accum=2", "train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3",
-                 "train.lr=1e-2", "ema.decay=0.5", "ema.warmup=false", "train.zero_stage=1", "train.procs=1"]
+                 "train.lr=1e-2", "ema.decay=0.5", "ema.warmup=false", "train.zero_stage=1", "train.procs=1",
+                 f"ema.offload={offload}"]
     train(built, run_dir, *overrides)
     ckpt = run_dir / "checkpoints"
     expected = {k: v.float().reshape(-1) for k, v in load_unet(built["model"]).state_dict().items()}
@@ -183,3 +187,56 @@ def test_train_rules_ignore_merge_only_settings():
     assert a["ema"].keys() == {"decay", "warmup", "offload", "posthoc"}
     assert a != b  # the tracked profiles are training's business
     assert {k: v for k, v in b["ema"].items() if k != "posthoc"} == {k: v for k, v in a["ema"].items() if k != "posthoc"}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned copy on a side stream needs a GPU"))])
+def test_offloaded_ema_updates_beside_training_and_equals_the_in_step_update(device, monkeypatch):
+    """`ema.offload: cpu` updates in a worker thread (from a pinned copy taken on a side stream when
+    the masters are on the GPU). With a worker slowed down on purpose, the EMAs still equal the
+    in-step update bitwise: catches an optimizer step that changes the masters before the worker
+    (or the copy) read them (a missing fence), and a state_dict or digest read before the worker
+    finished (a missing wait), which would return a step-old EMA."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from workflow.ema import ShardedEMA, TrainingEMAs
+
+    in_step = ShardedEMA.update
+
+    def slow_off_the_main_thread(self, step, values=None):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.05)
+        in_step(self, step, values)
+
+    monkeypatch.setattr(ShardedEMA, "update", slow_off_the_main_thread)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).to(device)
+    # As under ZeRO-1/2: each parameter's master is a slice of one flat fp32 partition that requires
+    # grad (DeepSpeed sets it), which an in-place copy from it in grad mode must not trip over.
+    flat_master = torch.cat([p.detach().float().reshape(-1) for p in module.parameters()]).requires_grad_()
+    start = 0
+    for p in module.parameters():
+        p._hp_mapping = SimpleNamespace(lp_fragment_address=SimpleNamespace(start=0),
+                                        hp_fragment=flat_master.narrow(0, start, p.numel()))
+        start += p.numel()
+    masters = [p._hp_mapping.hp_fragment for p in module.parameters()]
+    engine = SimpleNamespace(module=module, optimizer=SimpleNamespace())
+    cfg = tiny_config("ema.offload=cpu", "ema.decay=0.7", "ema.warmup=false", "ema.posthoc.sigma_rels=[0.1]")
+    emas = TrainingEMAs(cfg, engine, rank=0, world_size=1)
+    assert emas.main.shadow[0].device.type == "cpu" and emas.offloaded.on_gpu == (device == "cuda")
+    betas = {"main": emas.main.beta, "power": emas.power[0.1].beta}
+    expected = {kind: [m.detach().cpu().clone() for m in masters] for kind in betas}
+    for step in range(1, 6):
+        emas.fence()
+        with torch.no_grad():  # the optimizer step, on the training stream
+            flat_master.add_(torch.randn_like(flat_master))
+        emas.update(step)
+        for kind, beta in betas.items():
+            expected[kind] = [torch.lerp(e, m.detach().cpu(), 1.0 - beta(step)) for e, m in zip(expected[kind], masters)]
+    state = emas.state_dict()
+    got = {"main": [t for _, t in state["main"]["fragments"].values()],
+           "power": [t for _, t in state["power"][0.1]["fragments"].values()]}
+    for kind in betas:
+        assert all(torch.equal(g, e) for g, e in zip(got[kind], expected[kind])), kind

@@ -16,6 +16,7 @@ against checksums the engine computed at the end of training, and writes `<run>/
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -61,10 +62,11 @@ class ShardedEMA:
                 self.sources.append(values)
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
+    def update(self, step: int, values: list[torch.Tensor] | None = None) -> None:
+        """Lerp toward the current masters, or toward `values`, a copy of them taken after this step."""
         if not self.shadow:
             return
-        sources = [s.to(self.shadow[0].device, torch.float32, non_blocking=True) for s in self.sources]
+        sources = [s.to(self.shadow[0].device, torch.float32) for s in (self.sources if values is None else values)]
         torch._foreach_lerp_(self.shadow, sources, 1.0 - self.beta(step))
 
     def state_dict(self) -> dict:
@@ -84,10 +86,66 @@ def classic_beta(decay: float, warmup: bool) -> Callable[[int], float]:
     return (lambda step: min(decay, (1 + step) / (10 + step))) if warmup else (lambda step: decay)
 
 
+class OffloadedUpdates:
+    """Updates the EMAs kept in host memory beside training, not inside its step.
+
+    An in-step update of an SD 1.5-size EMA in host memory copies 3.4 GB of fp32 masters to pageable
+    memory and lerps them on the CPU while the GPU waits: the 24 GB card recipe ran 49.4 img/s so,
+    54.0 with this (BENCHMARKS.md "Card-size recipes"). Here the masters are copied once per step on a side CUDA
+    stream into one pinned buffer, and a worker thread lerps every EMA from it while the GPU runs the
+    next micro-batches. Masters already in host memory (a CPU optimizer) are lerped from directly.
+    `fence()` goes before the next optimizer step, which must not change the masters mid-copy (or,
+    on the host, mid-lerp); `wait()` before anything reads an EMA. The same operations on the same
+    values as the in-step update, so the EMAs are bitwise equal to it."""
+
+    def __init__(self, sources: list[torch.Tensor]):
+        self.on_gpu = bool(sources) and sources[0].is_cuda
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema")
+        self.pending: Future | None = None
+        self.staging: list[torch.Tensor] = []
+        if self.on_gpu:
+            flat = torch.empty(sum(s.numel() for s in sources), dtype=torch.float32, pin_memory=True)
+            starts = np.cumsum([0] + [s.numel() for s in sources])
+            self.staging = [flat.narrow(0, int(a), s.numel()).view(s.shape) for a, s in zip(starts, sources)]
+            self.stream, self.copied = torch.cuda.Stream(sources[0].device), torch.cuda.Event()
+
+    @torch.no_grad()
+    def submit(self, sources: list[torch.Tensor], lerp: Callable[[list[torch.Tensor]], None]) -> None:
+        self.wait()  # the staging buffer (or the host masters) must be free for this step's values
+        values = sources
+        if self.on_gpu:
+            self.stream.wait_stream(torch.cuda.current_stream())  # after the optimizer step wrote them
+            with torch.cuda.stream(self.stream):
+                for dst, src in zip(self.staging, sources):
+                    dst.copy_(src, non_blocking=True)
+                self.copied.record()
+            values = self.staging
+        self.pending = self.worker.submit(self._lerp, lerp, values)
+
+    def _lerp(self, lerp: Callable[[list[torch.Tensor]], None], values: list[torch.Tensor]) -> None:
+        if self.on_gpu:
+            self.copied.synchronize()
+        with torch.no_grad():
+            lerp(values)
+
+    def fence(self) -> None:
+        if self.on_gpu:
+            torch.cuda.current_stream().wait_event(self.copied)  # on the GPU: the host goes on
+        else:
+            self.wait()
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()  # re-raises what failed in the worker
+
+
 class TrainingEMAs:
     """What training keeps besides the weights: the `ema.decay` EMA and, with ema.posthoc.sigma_rels,
     one power-function EMA per sigma_rel, snapshotted every ema.posthoc.snapshot_every steps into
-    <run>/posthoc/step<N>/rank<r>.pt for post-hoc reconstruction."""
+    <run>/posthoc/step<N>/rank<r>.pt for post-hoc reconstruction. With `ema.offload: cpu` they live
+    in host memory and update beside training (OffloadedUpdates): call fence() before each optimizer
+    step."""
 
     def __init__(self, cfg: Config, engine, rank: int, world_size: int):
         offload = cfg.ema.offload == "cpu"
@@ -95,22 +153,37 @@ class TrainingEMAs:
         self.power = {sigma: ShardedEMA(engine, rank, world_size, partial(power_beta, sigma_rel_to_gamma(sigma)),
                                         offload) for sigma in cfg.ema.posthoc.sigma_rels}
         self.snapshot_every = cfg.ema.posthoc.snapshot_every
+        self.offloaded = OffloadedUpdates(self.main.sources) if offload else None
 
     def all(self) -> list[ShardedEMA]:
         return [self.main, *self.power.values()]
 
     def update(self, step: int) -> None:
-        for ema in self.all():
-            ema.update(step)
+        if self.offloaded is None:
+            for ema in self.all():
+                ema.update(step)
+        else:  # every EMA follows the same masters (one engine, one rank): one copy serves them all
+            self.offloaded.submit(self.main.sources, lambda values: [ema.update(step, values) for ema in self.all()])
+
+    def fence(self) -> None:
+        if self.offloaded is not None:
+            self.offloaded.fence()
+
+    def wait(self) -> None:
+        if self.offloaded is not None:
+            self.offloaded.wait()
 
     def attach(self, engine) -> None:
+        self.wait()
         for ema in self.all():
             ema.attach(engine)
 
     def state_dict(self) -> dict:
+        self.wait()
         return {"main": self.main.state_dict(), "power": {s: e.state_dict() for s, e in self.power.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.wait()
         self.main.load_state_dict(state["main"])
         for sigma, ema in self.power.items():
             ema.load_state_dict(state["power"][sigma])
@@ -120,6 +193,7 @@ class TrainingEMAs:
 
     def snapshot(self, posthoc_dir: Path, step: int, world) -> None:
         """Every rank writes its fragments of every power EMA; a file appears only when complete."""
+        self.wait()
         with atomic_file(posthoc_dir / f"step{step:08d}" / f"rank{world.rank:03d}.pt", "wb") as f:
             torch.save({"step": step, "world_size": world.size,
                         "profiles": {s: e.state_dict() for s, e in self.power.items()}}, f)
@@ -127,6 +201,7 @@ class TrainingEMAs:
     def digest(self, world) -> dict[str, dict[str, list[float]]]:
         """Checksums of the full raw (fp32 master) and EMA weights, summed over every rank's fragments,
         so the merge stage can check its consolidation against what the engine held."""
+        self.wait()
         names = sorted(set().union(*map(set, world.gather(self.main.names))))  # a rank may hold none of some
         parts = torch.zeros(2, len(names), 3, dtype=torch.float64)
         index = {n: i for i, n in enumerate(names)}

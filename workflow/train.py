@@ -222,8 +222,11 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
                 continue
             with phase("backward"):
                 engine.backward(loss)
-            if len(losses) == t.grad_accum - 1 and (step + 1) % t.log_every == 0:
+            boundary = len(losses) == t.grad_accum - 1  # this engine.step() updates the weights
+            if boundary and (step + 1) % t.log_every == 0:
                 grad_norm = _grad_norm_before_step(engine, cfg)
+            if boundary:
+                ema.fence()  # an offloaded EMA may still be reading the last step's masters
             with phase("optimizer_step"):
                 engine.step()
             losses.append(loss.detach())
