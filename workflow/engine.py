@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, TrainConfig, deep_merge
-from .fast_step import lighten_zero0_step, remove_step_syncs
+from .fast_step import lighten_zero0_step, remove_step_syncs, scale_zero0_fp16_loss
 
 def deepspeed_config(cfg: Config, world_size: int, run_dir: Path) -> dict[str, Any]:
     """The DeepSpeed config for this run (the only place it is built)."""
@@ -109,6 +109,7 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
                                            lr_scheduler=lr_sched, config=deepspeed_config(cfg, world_size, run_dir))
     remove_step_syncs(engine.optimizer)
     lighten_zero0_step(engine, world_size)
+    scale_zero0_fp16_loss(engine)
     if cfg.train.compile:
         use_compile_cache(cfg.train.compile_cache)
         compile_forward(unet, cfg.train.compile_shapes, shapes)

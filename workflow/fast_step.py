@@ -1,4 +1,5 @@
-"""Less host work in DeepSpeed's optimizer step, so the host stays ahead of the GPU.
+"""Patches of DeepSpeed's engine, checked against the pinned version: less host work in its optimizer
+step, so the host stays ahead of the GPU; and the fp16 loss scale that ZeRO-0 leaves out.
 
 ZeRO-1/2: the step without its two reads of GPU values back to the host.
 
@@ -14,6 +15,14 @@ ZeRO-0 with fp32 weights (precision fp32, bf16-mixed): DeepSpeed clips with a no
 per parameter (two launches each, 686 parameters in SD 1.5's UNet); torch's clip_grad_norm_ does
 the same arithmetic in a few foreach launches. On one rank DeepSpeed also flattens, "all-reduces"
 and copies back every gradient; a single rank has nothing to reduce.
+
+ZeRO-0 in fp16: DeepSpeed 0.19.8's engine.backward multiplies the loss by the loss scale only for
+ZeRO 1-3, while its fp16 optimizer (FP16_UnfusedOptimizer) divides the gradients by that scale
+before the step all the same (deepspeedai/DeepSpeed#8393, open). Every gradient reached AdamW 2^16
+times too small, where its epsilon swamps it: on one H200 the default digits run in fp16 moved its
+weights a fifth as far as fp32 and drew noise (README, fp16). `scale_zero0_fp16_loss` scales the
+loss as the optimizer's own backward would, and unscales the gradient norm that optimizer reports
+(it reports the scaled one, where ZeRO 1-3 report the true norm).
 
 Only for the pinned DeepSpeed version (pyproject.toml), whose code this was checked against; with
 another version the step is left as DeepSpeed has it.
@@ -87,4 +96,31 @@ def lighten_zero0_step(engine, world_size: int) -> bool:
     engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients_foreach, engine)
     if world_size == 1:
         engine.enable_backward_allreduce = False
+    return True
+
+
+def scale_zero0_fp16_loss(engine) -> bool:
+    """Patch a ZeRO-0 fp16 engine's backward to scale the loss by the optimizer's current loss scale,
+    which its step divides out again (see the module docstring); True when patched."""
+    import deepspeed
+
+    if engine.zero_optimization() or not engine.fp16_enabled():
+        return False
+    if deepspeed.__version__ != CHECKED_VERSION:
+        warnings.warn(f"DeepSpeed {deepspeed.__version__} is not the checked {CHECKED_VERSION}: ZeRO-0 fp16's loss is "
+                      f"left as its engine scales it (0.19.8 did not: check deepspeedai/DeepSpeed#8393)")
+        return False
+
+    scaled_by = [1.0]  # the scale of the last backward: the step may change the optimizer's after it
+
+    def backward(loss, retain_graph=False, scale_wrt_gas=True):
+        scaled_by[0] = scale = engine.optimizer.loss_scale
+        return unscaled_backward(loss * scale, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas) / scale
+
+    def get_global_grad_norm():
+        norm = scaled_grad_norm()
+        return None if norm is None else norm / scaled_by[0]
+
+    unscaled_backward, scaled_grad_norm = engine.backward, engine.get_global_grad_norm
+    engine.backward, engine.get_global_grad_norm = backward, get_global_grad_norm
     return True

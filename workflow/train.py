@@ -380,7 +380,8 @@ def _progress_bar(world: World, start: int, total: int):
 def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, run_dir: Path, nprocs: int) -> None:
     """Checked once, before any rank starts, so input errors are one clear line."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("train.precision fp16 needs a GPU: DeepSpeed has no fp16 on the CPU; use bf16 or fp32 here")
+        raise ValueError("train.precision fp16 needs a GPU: on the CPU its kernels are many times slower than fp32's; "
+                         "use bf16 or fp32 here")
     check_memory_cap(cfg.train.memory_cap_gb)
     check_cache(cfg, latent_dir, model_dir, data_dir)
     check_zero_section(deepspeed_config(cfg, nprocs, run_dir))
