@@ -125,8 +125,7 @@ class OffloadedUpdates:
     def _lerp(self, lerp: Callable[[list[torch.Tensor]], None], values: list[torch.Tensor]) -> None:
         if self.on_gpu:
             self.copied.synchronize()
-        with torch.no_grad():
-            lerp(values)
+        lerp(values)  # ShardedEMA.update runs under no_grad
 
     def fence(self) -> None:
         if self.on_gpu:
