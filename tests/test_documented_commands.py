@@ -218,14 +218,15 @@ def test_card_recipes_reach_the_train_stage(tmp_path):
             "8gb": (4, 32, 2, "bf16", "cpu", "cpu")}
     want = {card: (*settings, "full", 8) for card, settings in full.items()}
     want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32)
-             for gb, mb in ((24, 24), (16, 16), (12, 12), (8, 4))}
+             for gb, mb in ((24, 24), (16, 16), (12, 12), (8, 8))}
+    compiled = {"lora-8gb"}  # measured compiled (BENCHMARKS.md); the others eager
     for card, proc in procs.items():
         cfg = stage_configs(proc)["train"]
         t = cfg["train"]
         got = (t["micro_batch"], t["grad_accum"], t["zero_stage"], t["precision"], t["offload_optimizer"],
                cfg["ema"]["offload"], t["mode"], t["lora"]["rank"])
-        # measured eager (BENCHMARKS.md): gpu.yaml's compile must not come back over them
-        assert got == want[card] and not t["compile"] and t["memory_cap_gb"] is None, (card, got)
+        # as measured (BENCHMARKS.md): gpu.yaml's compile must not come back over an eager recipe
+        assert got == want[card] and t["compile"] == (card in compiled) and t["memory_cap_gb"] is None, (card, got)
 
 
 SMALL_DATA_YOURS = ("snakemake --cores all --configfile config/small-data.yaml --config model__pretrained=/models/sd15 "
