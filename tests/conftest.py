@@ -249,6 +249,13 @@ class Ledger:
                 f.write(json.dumps(row.__dict__) + "\n")
 
 
+def op_build_logs() -> dict[str, int]:
+    """DeepSpeed's compiled ops in torch's extension cache, by the time their ninja log last changed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return {str(p): p.stat().st_mtime_ns for p in Path(get_default_build_root()).glob("*/*/.ninja_log")}
+
+
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
         import tempfile
@@ -256,6 +263,20 @@ def pytest_configure(config):
         fd, path = tempfile.mkstemp(prefix="fault-ledger-", suffix=".jsonl")
         os.close(fd)
         os.environ["FAULT_LEDGER"] = path
+        config.op_builds_before = op_build_logs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fails the session when a test recompiled one of DeepSpeed's ops that `make install` built (bug
+    caught: a process loading them with another `ninja` first on PATH rebuilds them, 40-90 s of both
+    cores each time while every other rank waits; a test's own script did, twice per `make test`)."""
+    before = getattr(session.config, "op_builds_before", None)
+    if before is None:
+        return
+    rebuilt = [path for path, mtime in op_build_logs().items() if path in before and before[path] != mtime]
+    if rebuilt:
+        print(f"\nDeepSpeed ops recompiled during the tests (workflow/build_ops.py use_environment_ninja): {rebuilt}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -520,14 +520,14 @@ def test_sync_free_zero_step_matches_deepspeed(norm, clip, loss_scale):
 ZERO0_STEPS = """
 import json, os, sys, torch
 import torch.nn.functional as F
-import deepspeed
 from pathlib import Path
 from workflow.config import load_config
+from workflow.distributed import init_world
 from workflow.ema import zero0_masters
 from workflow.engine import build_engine
 from workflow.models import load_unet
 
-deepspeed.init_distributed(dist_backend="gloo")
+init_world()  # as a rank starts: DeepSpeed's ops loaded with this venv's ninja (tests/conftest.py checks)
 out = {}
 for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
     cfg = load_config(Path("config.yaml"), [f"train.precision={precision}", "train.procs=1"])

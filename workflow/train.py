@@ -389,6 +389,14 @@ def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, ru
     (run_dir / "train.json").unlink(missing_ok=True)
 
 
+def import_rank_libraries() -> None:
+    """The libraries every rank imports that the launcher has not (it has torch and DeepSpeed)."""
+    import importlib
+
+    for module in ("peft", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl"):
+        importlib.import_module(module)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args, cfg = stage_main("train", __doc__, argv, {"latents": "latent cache folder", "model": "model folder",
@@ -408,7 +416,9 @@ def main(argv: list[str] | None = None) -> None:
         nprocs = procs_wanted(cfg.train.procs)
         preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, nprocs)
         if nprocs > 1:
-            raise SystemExit(relaunch("workflow.train", argv, nprocs))
+            if not torch.cuda.is_available():
+                import_rank_libraries()  # once here, for the ranks forked from this process
+            raise SystemExit(relaunch("workflow.train", argv, nprocs, forked_entry=lambda: run(lambda: main(argv))))
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         train(cfg, Path(args.latents), Path(args.model), run_dir)
