@@ -109,7 +109,8 @@ def relaunch(module: str, argv: list[str], nprocs: int, forked_entry: Callable[[
         env["OMP_NUM_THREADS"] = str(max(1, cores // nprocs))
     rank_envs = [dict(env, RANK=str(r), LOCAL_RANK=str(r)) for r in range(nprocs)]
     if forked_entry is not None and not torch.cuda.is_available():
-        procs = [ForkedRank(forked_entry, rank_env) for rank_env in rank_envs]
+        procs = [ForkedRank(forked_entry, rank_env, f"{module.rsplit('.', 1)[-1]} rank {rank_env['RANK']}")
+                 for rank_env in rank_envs]
     else:
         procs = [subprocess.Popen([sys.executable, "-m", module, *argv], env=rank_env, preexec_fn=die_with_parent)
                  for rank_env in rank_envs]
@@ -133,9 +134,11 @@ def relaunch(module: str, argv: list[str], nprocs: int, forked_entry: Callable[[
 class ForkedRank:
     """A rank forked from the launcher, with the part of subprocess.Popen's interface _wait_all uses.
     The child takes `env` as its whole environment, dies with the launcher like a started rank, and
-    never returns into the launcher's code: `entry` ends it with the stage's exit code."""
+    never returns into the launcher's code: `entry` ends it with the stage's exit code. Its command
+    line is the launcher's and /proc/<pid>/environ keeps the launcher's environment (the kernel's
+    copy), so the process is named `name` (`ps -o comm`, top: "train rank 1")."""
 
-    def __init__(self, entry: Callable[[], None], env: dict[str, str]):
+    def __init__(self, entry: Callable[[], None], env: dict[str, str], name: str):
         sys.stdout.flush()
         sys.stderr.flush()
         self.returncode: int | None = None
@@ -146,6 +149,7 @@ class ForkedRank:
                 os.environ.clear()
                 os.environ.update(env)
                 die_with_parent()
+                set_process_name(name)
                 entry()
                 code = 0
             except SystemExit as e:
@@ -196,6 +200,14 @@ def die_with_parent() -> None:
     """Linux: a rank gets SIGKILL when the launcher dies, so no orphan holds the GPU or the port."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def set_process_name(name: str) -> None:
+    """Linux: the name ps, top and /proc/<pid>/comm show (15 bytes at most)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except OSError:
         pass
 

@@ -287,7 +287,9 @@ def test_local_profile_retry_resumes_a_killed_rank(tmp_path, ledger):
             assert time.time() < deadline, "no checkpoint and a later step in 600 s"
             time.sleep(0.2)
         killed_after = int(latest_tag(run_dir)[4:])
-        ranks = [pid for pid in _pids_in(repo) if "-mworkflow.train" in _cmdline(pid) and _environ(pid).get("RANK") == "1"]
+        # rank 1: a started rank by its environment, a rank forked on the CPU by its name (distributed.ForkedRank)
+        ranks = [pid for pid in _pids_in(repo) if "-mworkflow.train" in _cmdline(pid)
+                 and (_environ(pid).get("RANK") == "1" or _comm(pid) == "train rank 1")]
         assert len(ranks) == 1, f"rank 1 of training not found: {ranks}"
         os.kill(ranks[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=900)
@@ -317,6 +319,13 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _cmdline(pid: int) -> str:
