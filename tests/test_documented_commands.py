@@ -202,7 +202,9 @@ CARDS = {"24gb": "snakemake --cores all --configfile config/gpu.yaml config/card
          "16gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/16gb.yaml --config ...",
          "8gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/16gb.yaml config/cards/8gb.yaml --config ...",
          **{f"lora-{gb}gb": f"snakemake --cores all --configfile config/gpu.yaml config/cards/lora-{gb}gb.yaml --config ..."
-            for gb in (24, 16, 12, 8)}}
+            for gb in (24, 16, 12, 8)},
+         **{f"sdxl-lora-{gb}gb": "snakemake --cores all --configfile config/gpu.yaml config/sdxl.yaml "
+            f"config/cards/sdxl-lora-{gb}gb.yaml --config ..." for gb in (16, 8)}}
 
 
 @runs(*CARDS.values())
@@ -213,18 +215,20 @@ def test_card_recipes_reach_the_train_stage(tmp_path):
     over the offload, or gpu.yaml's compile over a recipe measured eager)."""
     repo = copy_repo(tmp_path / "repo")
     procs = dict(zip(CARDS, _dry_runs(repo, [(command, {" ...": ""}) for command in CARDS.values()])))
-    # micro-batch, accumulation, ZeRO stage, precision, optimizer offload, EMA offload, mode, LoRA rank
+    # micro-batch, accumulation, ZeRO stage, precision, optimizer offload, EMA offload, mode, LoRA rank,
+    # gradient checkpointing, resolution
     full = {"24gb": (8, 8, 2, "bf16", "none", "cpu"), "16gb": (8, 16, 2, "bf16", "cpu", "cpu"),
             "8gb": (4, 32, 2, "bf16", "cpu", "cpu")}
-    want = {card: (*settings, "full", 8) for card, settings in full.items()}
-    want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32)
+    want = {card: (*settings, "full", 8, False, 512) for card, settings in full.items()}
+    want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, False, 512)
              for gb, mb in ((24, 24), (16, 16), (12, 12), (8, 8))}
-    compiled = {"lora-8gb"}  # measured compiled (BENCHMARKS.md); the others eager
+    want |= {f"sdxl-lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, True, 1024) for gb, mb in ((16, 8), (8, 2))}
+    compiled = {"24gb", "lora-8gb"}  # measured compiled (BENCHMARKS.md); the others eager
     for card, proc in procs.items():
         cfg = stage_configs(proc)["train"]
         t = cfg["train"]
         got = (t["micro_batch"], t["grad_accum"], t["zero_stage"], t["precision"], t["offload_optimizer"],
-               cfg["ema"]["offload"], t["mode"], t["lora"]["rank"])
+               cfg["ema"]["offload"], t["mode"], t["lora"]["rank"], t["gradient_checkpointing"], cfg["cache"]["resolution"])
         # as measured (BENCHMARKS.md): gpu.yaml's compile must not come back over an eager recipe
         assert got == want[card] and t["compile"] == (card in compiled) and t["memory_cap_gb"] is None, (card, got)
 
@@ -439,6 +443,8 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert jobs(forced) == {"train", "ema", "sample", "export", "report_files", "all"}
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] == steps and result["final_step"] == steps  # resumed, not retrained
+    # the loss logged at the last step, not NaN (bug caught: a rerun with no step left wrote NaN)
+    assert result["final_loss"] == json.loads((run / "log.jsonl").read_text().splitlines()[-1])["loss"]
     check_small_data_demo(repo)
 
 
