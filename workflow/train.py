@@ -123,12 +123,17 @@ class JsonlLog:
 
     def __init__(self, path: Path, enabled: bool, resumed_at: int):
         self.file = None
+        # the loss logged at the checkpoint's step (rank 0): train.json's final_loss when a rerun
+        # finds training already finished and runs no step (it wrote NaN, which JSON has no word for)
+        self.resumed_loss = None
         if not enabled:
             return
         if path.is_file():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_at]
             with atomic_file(path) as f:
                 f.write("".join(line + "\n" for line in kept))
+            last = json.loads(kept[-1]) if kept else {}
+            self.resumed_loss = last.get("loss") if last.get("step") == resumed_at else None
         self.file = open(path, "a")
 
     def write(self, record: dict) -> None:
@@ -194,7 +199,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     global_batch = t.micro_batch * t.grad_accum * world.size
     engine.train()
     started = window_start = time.time()
-    last_loss, grad_norm, saved_at, save_s = float("nan"), None, -1, None
+    last_loss, grad_norm, saved_at, save_s = log.resumed_loss, None, -1, None
     bar = _progress_bar(world, start_step, t.steps)
     profiler = StepProfiler(t.profile_at, run_dir / "profile", world.is_main, start_step)
     while step < t.steps:
@@ -284,7 +289,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     torch.distributed.barrier()
     if world.is_main:
         write_json(run_dir / "train.json", result)
-        print(f"train: done at step {step}, loss {last_loss:.4f}", flush=True)
+        print(f"train: done at step {step}, loss {'-' if last_loss is None else f'{last_loss:.4f}'}", flush=True)
     return result
 
 
