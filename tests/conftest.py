@@ -65,15 +65,14 @@ class StageServer:
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
+        self.log = None  # the server's stderr
         self.lock = threading.Lock()
 
     def run(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-        if os.environ.get("STAGE_SERVER") == "0" or not self.lock.acquire(blocking=False):  # busy: another thread
+        if os.environ.get("STAGE_SERVER") == "0":
             return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=stage_env())
-        try:
+        with self.lock:  # one request at a time: the server answers in order
             return self._forked(cmd, timeout)
-        finally:
-            self.lock.release()
 
     def _forked(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
         import tempfile
