@@ -242,9 +242,12 @@ def main() -> None:
     data, model, latents = build_inputs(cfg, root, args.images, aspects)
     setup_s = round(time.time() - started, 1)
     progress("setup_s", setup_s)
-    # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less.
+    # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less. Not
+    # when the optimizer lives in host memory already: SDXL's CPU-offloaded full fine-tune on a 128 GiB
+    # host was killed by the OOM killer (122 GiB used) writing its checkpoint to /dev/shm.
     shm = Path("/dev/shm")
-    runs_root = shm / "bench-train-runs" if shm.is_dir() and shutil.disk_usage(shm).free > 64 * 2**30 else root
+    in_memory = (shm.is_dir() and shutil.disk_usage(shm).free > 64 * 2**30 and cfg.train.offload_optimizer == "none")
+    runs_root = shm / "bench-train-runs" if in_memory else root
     gpu_counts = [int(g) for g in args.gpus.split(",")]
     result = {"bench": "train", "label": args.label,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
