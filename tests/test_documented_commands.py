@@ -388,7 +388,7 @@ SMALL_DATA_DEMO = "snakemake --cores all --configfile config/small-data.yaml con
 
 @pytest.mark.e2e
 @runs("make run", "snakemake --cores all", "snakemake --report report.html", "snakemake --cores all --forcerun train",
-      "python -m workflow.train --config config.yaml --set train.steps=50 --latents results/latents/digits/tiny-digits_32px "
+      "python -m workflow.train --config config.yaml --set train.steps=10 --latents results/latents/digits/tiny-digits_32px "
       "--data results/data/digits --model resources/models/tiny-digits --run-dir results/runs/digits-tiny",
       SMALL_DATA_DEMO)
 def test_default_run_as_the_readme_shows(tmp_path):
@@ -403,12 +403,12 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert (repo / "results/latents/digits/tiny-digits_32px/manifest.json").is_file()
     assert not (repo / "results" / "runs").exists()
 
-    by_hand = run_documented("python -m workflow.train --config config.yaml --set train.steps=50 --latents "
+    by_hand = run_documented("python -m workflow.train --config config.yaml --set train.steps=10 --latents "
                              "results/latents/digits/tiny-digits_32px --data results/data/digits --model "
                              "resources/models/tiny-digits --run-dir results/runs/digits-tiny", repo)
     assert by_hand.returncode == 0, by_hand.stderr[-3000:]
     run = repo / "results" / "runs" / "digits-tiny"
-    assert json.loads((run / "train.json").read_text())["final_step"] == 50
+    assert json.loads((run / "train.json").read_text())["final_step"] == 10
     shutil.rmtree(run)  # the hand-made run is not Snakemake's: start the pipeline's own afresh
 
     full = run_documented("snakemake --cores all", repo)
