@@ -152,8 +152,9 @@ def main() -> None:
 
     first_s = {}
     for size in sizes:  # each shape's first step compiles; said as it ends, so a run stopped later still tells
-        first_s[size_name(size)] = round(timed(size, 1), 1)
-        print(f"first step at {size_name(size)}: {first_s[size_name(size)]} s", file=sys.stderr, flush=True)
+        name = size_name(size)
+        first_s[name] = round(timed(size, 1), 1)
+        print(f"first step at {name}: {first_s[name]} s", file=sys.stderr, flush=True)
     warm_s = sum(timed(sizes[i % len(sizes)], 1) for i in range(args.warmup))
     turns = Turns(args.take_turns)
     turns.mine()

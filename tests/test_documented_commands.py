@@ -384,13 +384,14 @@ def test_venv_setup_lines(tmp_path):
 
 
 SMALL_DATA_DEMO = "snakemake --cores all --configfile config/small-data.yaml config/small-data-demo.yaml"
+BY_HAND_TRAIN = ("python -m workflow.train --config config.yaml --set train.steps=10 --latents "
+                 "results/latents/digits/tiny-digits_32px --data results/data/digits --model "
+                 "resources/models/tiny-digits --run-dir results/runs/digits-tiny")
 
 
 @pytest.mark.e2e
 @runs("make run", "snakemake --cores all", "snakemake --report report.html", "snakemake --cores all --forcerun train",
-      "python -m workflow.train --config config.yaml --set train.steps=10 --latents results/latents/digits/tiny-digits_32px "
-      "--data results/data/digits --model resources/models/tiny-digits --run-dir results/runs/digits-tiny",
-      SMALL_DATA_DEMO)
+      BY_HAND_TRAIN, SMALL_DATA_DEMO)
 def test_default_run_as_the_readme_shows(tmp_path):
     """The embedded default reaches digit_accuracy >= 0.90 from a plain `snakemake --cores all`; the
     README's other lines on the same folder do what it says, the small-data demo included."""
@@ -403,9 +404,7 @@ def test_default_run_as_the_readme_shows(tmp_path):
     assert (repo / "results/latents/digits/tiny-digits_32px/manifest.json").is_file()
     assert not (repo / "results" / "runs").exists()
 
-    by_hand = run_documented("python -m workflow.train --config config.yaml --set train.steps=10 --latents "
-                             "results/latents/digits/tiny-digits_32px --data results/data/digits --model "
-                             "resources/models/tiny-digits --run-dir results/runs/digits-tiny", repo)
+    by_hand = run_documented(BY_HAND_TRAIN, repo)
     assert by_hand.returncode == 0, by_hand.stderr[-3000:]
     run = repo / "results" / "runs" / "digits-tiny"
     assert json.loads((run / "train.json").read_text())["final_step"] == 10
