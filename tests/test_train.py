@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -440,6 +441,44 @@ def test_options_train_and_log(built, tmp_path):
     profile = json.loads((run_dir / "profile" / "summary.json").read_text())  # steps 2-4 profiled
     assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0 and profile["top_host"]
     assert "aten::" in (run_dir / "profile" / "ops.txt").read_text()
+
+
+def test_selected_blocks_alone_recompute_and_gradients_stay_exact(built):
+    """train.gradient_checkpointing as a list: catches a list that checkpoints every block (diffusers
+    switches all at once) or none, a recomputation that changes the gradients, and a block name the
+    model lacks reaching the ranks instead of an error that names the key."""
+    from workflow.train import trainable_unet
+
+    def gradients_and_runs(setting) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The gradients of one step, and how often each top-level block's resnets ran in it."""
+        torch.manual_seed(0)
+        unet = trainable_unet(tiny_config(f"train.gradient_checkpointing={setting}"), built["model"]).train()
+        runs: dict[str, int] = {}
+        for name, module in unet.named_modules():
+            if re.search(r"resnets\.\d+$", name):
+                block = name.split(".resnets")[0]
+                # a pre-hook: the recomputation stops as soon as it has what backward needs, before a
+                # forward hook would fire
+                module.register_forward_pre_hook(lambda *_, b=block: runs.__setitem__(b, runs.get(b, 0) + 1))
+        gen = torch.Generator().manual_seed(1)
+        c = unet.config
+        latents = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+        text = torch.randn(2, 4, c.cross_attention_dim, generator=gen)
+        unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample.square().mean().backward()
+        return {n: p.grad for n, p in unet.named_parameters()}, runs
+
+    plain, once = gradients_and_runs("false")
+    grads, runs = gradients_and_runs("[down_blocks.0, up_blocks.1]")
+    assert {block for block in runs if runs[block] > once[block]} == {"down_blocks.0", "up_blocks.1"}
+    assert all(torch.equal(grads[n], plain[n]) for n in plain)
+    _, runs = gradients_and_runs("true")
+    assert all(runs[block] > once[block] for block in once) and len(once) == 5  # 2 down, mid, 2 up
+
+    with pytest.raises(ValueError, match=r"train.gradient_checkpointing: \['up_blocks.7'\] not among .*mid_block"):
+        trainable_unet(tiny_config("train.gradient_checkpointing=[up_blocks.7]"), built["model"])
+    for bad in ("[down_block.0]", "[]", "[mid_block, mid_block]"):
+        with pytest.raises(ConfigError, match="gradient_checkpointing"):
+            tiny_config(f"train.gradient_checkpointing={bad}")
 
 
 def test_gpu_busy_counts_overlapping_kernels_once():

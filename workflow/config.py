@@ -215,7 +215,23 @@ class TrainConfig(Section):
         "(and their step) kept on the CPU, the rest updated on the GPU (DeepSpeed's partial offload, "
         "offload_optimizer.ratio); 1: all on the CPU")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | list[str] = Field(
+        False, description="recompute activations in backward instead of keeping them (less memory, more compute): "
+        "true: every UNet block; a list of blocks, e.g. [down_blocks.0, up_blocks.3] (the high-resolution ones, "
+        "which hold most activations): only those; the blocks are down_blocks.N, mid_block, up_blocks.N")
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _block_names(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list: use false for no gradient checkpointing")
+            bad = [name for name in v if not re.fullmatch(r"(down_blocks|up_blocks)\.\d+|mid_block", name)]
+            if bad:
+                raise ValueError(f"{bad} are not UNet blocks: expected down_blocks.N, mid_block or up_blocks.N")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{v} names a block twice")
+        return v
     memory_cap_gb: float | None = Field(
         None, gt=0, description="cap each rank's GPU memory at this many GiB (torch.cuda."
         "set_per_process_memory_fraction): a recipe for a smaller card runs out of memory here as it would "

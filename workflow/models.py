@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .families import BUILTIN_RESOLUTIONS, FAMILIES, family_of
+from .families import BUILTIN_RESOLUTIONS, FAMILIES, component_config, family_of
 
 REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler")
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
@@ -116,6 +116,46 @@ def load_unet(model_dir: Path, dtype=torch.float32):
 
     return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype,
                                                 variant=weights_variant(Path(model_dir) / "unet"))
+
+
+def unet_blocks(model_dir: Path) -> list[str]:
+    """The UNet's top-level blocks, the units train.gradient_checkpointing names: down_blocks.N,
+    mid_block, up_blocks.N (SD 1.x/2.x: 4 down, 4 up; SDXL: 3 and 3), read from its config."""
+    config = component_config(Path(model_dir), "unet")
+    mid = [] if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else ["mid_block"]
+    return ([f"down_blocks.{i}" for i in range(len(config["down_block_types"]))] + mid
+            + [f"up_blocks.{i}" for i in range(len(config["up_block_types"]))])
+
+
+def checkpointed_blocks(model_dir: Path, setting: bool | list[str]) -> list[str]:
+    """The blocks that recompute their activations in backward under train.gradient_checkpointing
+    (true: all, false: none, a list: those), refusing a name this UNet does not have."""
+    blocks = unet_blocks(model_dir)
+    if setting is True or setting is False:
+        return blocks if setting else []
+    unknown = [name for name in setting if name not in blocks]
+    if unknown:
+        raise ValueError(f"train.gradient_checkpointing: {unknown} not among this UNet's blocks ({model_dir}): "
+                         f"{', '.join(blocks)}")
+    return list(setting)
+
+
+def enable_gradient_checkpointing(unet, blocks: list[str]) -> None:
+    """Checkpoint `blocks` only: diffusers switches every block (and each Transformer2DModel inside)
+    at once, so switch all on, then off again outside `blocks` (memory is mostly in the
+    high-resolution blocks; recomputing the rest costs time for little memory)."""
+    if not blocks:
+        return
+    unet.enable_gradient_checkpointing()
+    for name, module in unet.named_modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = _top_block(name) in blocks
+
+
+def _top_block(module_name: str) -> str:
+    """'down_blocks.1.attentions.0' -> 'down_blocks.1'; 'mid_block.resnets.0' -> 'mid_block'."""
+    parts = module_name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
 
 
 def pipeline_class(model_dir: Path):
