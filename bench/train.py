@@ -46,8 +46,8 @@ from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
-from workflow.models import (added_conditions, checkpointed_blocks, enable_gradient_checkpointing,  # noqa: E402
-                             latent_scaling, load_noise_scheduler, load_unet, load_vae)
+from workflow.models import (added_conditions, checkpointed_blocks, latent_scaling, load_noise_scheduler,  # noqa: E402
+                             load_unet, load_vae, set_gradient_checkpointing)
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
 from workflow.train import cap_gpu_memory  # noqa: E402
@@ -85,7 +85,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cap_gpu_memory(device, t.memory_cap_gb)
     unet = load_unet(model_dir).to(device)
-    enable_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
+    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:
         compile_forward(unet, t.compile_shapes, stream.shapes)

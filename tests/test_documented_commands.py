@@ -638,3 +638,23 @@ def test_bench_commands_on_a_gpu(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["train_stage"][0]["img_s"] > 0 and result["plain_pytorch"]["img_s"] > 0
     assert result["train"]["micro_batch"] == 16 and result["train"]["compile"] is False
+
+
+ACTIVATIONS = "python bench/activations.py --sets down_blocks.0,up_blocks.3 down_blocks.0,down_blocks.1,up_blocks.2,up_blocks.3"
+
+
+@runs(ACTIVATIONS)
+def test_activation_figures_the_readme_quotes(tmp_path):
+    """The README's bench/activations.py line as written, on this CPU: SD 1.5's nine blocks and the
+    figures the README quotes (catches a README figure the command no longer gives, e.g. after a
+    diffusers upgrade changes what the UNet keeps, and --sets that do not reach the output)."""
+    proc = run_documented(ACTIVATIONS, copy_repo(tmp_path / "repo"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert (out["model"], out["mode"], out["resolution"], out["dtype"]) == ("builtin:sd15-arch", "full", 512, "bf16")
+    assert [row["block"] for row in out["blocks"]] == [
+        *(f"down_blocks.{i}" for i in range(4)), "mid_block", *(f"up_blocks.{i}" for i in range(4))]
+    assert (round(out["saved_mib_without_checkpointing"]), round(out["forward_gflops"])) == (893, 803)
+    quoted = {"down_blocks.0,up_blocks.3": (422, 307), "down_blocks.0,down_blocks.1,up_blocks.2,up_blocks.3": (631, 542),
+              "all": (746, 803)}
+    assert {name: (round(s["freed_mib"]), round(s["recompute_gflops"])) for name, s in out["sets"].items()} == quoted

@@ -118,10 +118,9 @@ def load_unet(model_dir: Path, dtype=torch.float32):
                                                 variant=weights_variant(Path(model_dir) / "unet"))
 
 
-def unet_blocks(model_dir: Path) -> list[str]:
-    """The UNet's top-level blocks, the units train.gradient_checkpointing names: down_blocks.N,
-    mid_block, up_blocks.N (SD 1.x/2.x: 4 down, 4 up; SDXL: 3 and 3), read from its config."""
-    config = component_config(Path(model_dir), "unet")
+def unet_blocks(config: dict) -> list[str]:
+    """The top-level blocks of a UNet (its config), the units train.gradient_checkpointing names:
+    down_blocks.N, mid_block, up_blocks.N (SD 1.x/2.x: 4 down, 4 up; SDXL: 3 and 3)."""
     mid = [] if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else ["mid_block"]
     return ([f"down_blocks.{i}" for i in range(len(config["down_block_types"]))] + mid
             + [f"up_blocks.{i}" for i in range(len(config["up_block_types"]))])
@@ -130,7 +129,7 @@ def unet_blocks(model_dir: Path) -> list[str]:
 def checkpointed_blocks(model_dir: Path, setting: bool | list[str]) -> list[str]:
     """The blocks that recompute their activations in backward under train.gradient_checkpointing
     (true: all, false: none, a list: those), refusing a name this UNet does not have."""
-    blocks = unet_blocks(model_dir)
+    blocks = unet_blocks(component_config(Path(model_dir), "unet"))
     if setting is True or setting is False:
         return blocks if setting else []
     unknown = [name for name in setting if name not in blocks]
@@ -140,11 +139,12 @@ def checkpointed_blocks(model_dir: Path, setting: bool | list[str]) -> list[str]
     return list(setting)
 
 
-def enable_gradient_checkpointing(unet, blocks: list[str]) -> None:
-    """Checkpoint `blocks` only: diffusers switches every block (and each Transformer2DModel inside)
-    at once, so switch all on, then off again outside `blocks` (memory is mostly in the
+def set_gradient_checkpointing(unet, blocks: list[str]) -> None:
+    """Checkpoint exactly `blocks`: diffusers switches every block (and each Transformer2DModel
+    inside) at once, so switch all on, then off again outside `blocks` (memory is mostly in the
     high-resolution blocks; recomputing the rest costs time for little memory)."""
     if not blocks:
+        unet.disable_gradient_checkpointing()
         return
     unet.enable_gradient_checkpointing()
     for name, module in unet.named_modules():
@@ -391,6 +391,19 @@ def build_tiny(out_dir: Path, images: torch.Tensor, captions: list[str], steps: 
     return report
 
 
+# The real architectures' UNets (UNet2DConditionModel's arguments; its defaults are SD 1.x's UNet).
+ARCH_UNETS = {
+    "builtin:sd15-arch": dict(sample_size=BUILTIN_RESOLUTIONS["builtin:sd15-arch"] // 8, cross_attention_dim=768),
+    "builtin:sdxl-arch": dict(
+        sample_size=BUILTIN_RESOLUTIONS["builtin:sdxl-arch"] // 8, block_out_channels=(320, 640, 1280),
+        layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816),
+}
+
+
 def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
     """builtin:sd15-arch: Stable Diffusion 1.5's architecture with random weights (benchmarks only)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -400,7 +413,7 @@ def build_sd15_arch(out_dir: Path, seed: int = 0) -> dict:
     text_encoder = clip_text_encoder(tokenizer, **CLIP_L)
     res = BUILTIN_RESOLUTIONS["builtin:sd15-arch"]
     vae = sd_vae(sample_size=res)
-    unet = UNet2DConditionModel(sample_size=res // 8, cross_attention_dim=768)  # the defaults are SD 1.x's UNet
+    unet = UNet2DConditionModel(**ARCH_UNETS["builtin:sd15-arch"])
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     parts = {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler}
     assemble_pipeline("sd1", tokenizer, parts).save_pretrained(out_dir, safe_serialization=True)
@@ -420,14 +433,7 @@ def build_sdxl_arch(out_dir: Path, seed: int = 0) -> dict:
                                        num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
     res = BUILTIN_RESOLUTIONS["builtin:sdxl-arch"]
     vae = sd_vae(sample_size=res, scaling_factor=0.13025, force_upcast=True)
-    unet = UNet2DConditionModel(
-        sample_size=res // 8, block_out_channels=(320, 640, 1280), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
+    unet = UNet2DConditionModel(**ARCH_UNETS["builtin:sdxl-arch"])
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                               steps_offset=1, timestep_spacing="leading")
     parts = {"vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "unet": unet,

@@ -36,8 +36,8 @@ from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
 from .latents import LatentStream, PriorPart
-from .models import (add_lora, added_conditions, checkpointed_blocks, enable_gradient_checkpointing, latent_scaling,
-                     load_noise_scheduler, load_unet, load_vae)
+from .models import (add_lora, added_conditions, checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet,
+                     load_vae, set_gradient_checkpointing)
 from .profiling import StepProfiler, phase
 
 # The UNet's weight dtype (bf16-mixed: fp32 weights, DeepSpeed runs the forward under bf16 autocast).
@@ -53,7 +53,7 @@ class TrainingDiverged(RuntimeError):
 def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     """The base UNet; in lora mode frozen, with peft LoRA adapters as the only trainable weights."""
     unet = load_unet(model_dir)
-    enable_gradient_checkpointing(unet, checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing))
+    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing))
     return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
