@@ -130,7 +130,7 @@ def checkpointed_blocks(model_dir: Path, setting: bool | list[str]) -> list[str]
     """The blocks that recompute their activations in backward under train.gradient_checkpointing
     (true: all, false: none, a list: those), refusing a name this UNet does not have."""
     blocks = unet_blocks(component_config(Path(model_dir), "unet"))
-    if setting is True or setting is False:
+    if isinstance(setting, bool):
         return blocks if setting else []
     unknown = [name for name in setting if name not in blocks]
     if unknown:
