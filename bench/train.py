@@ -50,7 +50,7 @@ from workflow.models import (added_conditions, checkpointed_blocks, latent_scali
                              load_unet, load_vae, set_gradient_checkpointing)
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
-from workflow.train import cap_gpu_memory  # noqa: E402
+from workflow.train import set_up_gpu_memory  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
@@ -83,7 +83,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     """The textbook loop on the same UNet: what the DeepSpeed step is held to."""
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cap_gpu_memory(device, t.memory_cap_gb)
+    set_up_gpu_memory(device, t)
     unet = load_unet(model_dir).to(device)
     set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
@@ -240,6 +240,8 @@ def main() -> None:
     started = time.time()
     aspects = [float(a.split(":")[0]) / float(a.split(":")[1]) for a in args.aspects.split(",")] if args.aspects else None
     data, model, latents = build_inputs(cfg, root, args.images, aspects)
+    if torch.cuda.is_available():  # the cache stage's VAE left ~38 GB in this process's allocator: the
+        torch.cuda.empty_cache()   # train stage's process (micro-batch 64) ran out of memory beside it on an H100
     setup_s = round(time.time() - started, 1)
     progress("setup_s", setup_s)
     # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less. Not
@@ -254,7 +256,8 @@ def main() -> None:
               "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
                                                              "offload_optimizer", "offload_optimizer_ratio", "compile", "compile_shapes",
-                                                             "gradient_checkpointing", "mode", "memory_cap_gb")},
+                                                             "gradient_checkpointing", "mode", "memory_cap_gb",
+                                                             "expandable_segments")},
               "ema": {"decay": cfg.ema.decay, "offload": cfg.ema.offload}, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
     if not args.no_baseline:
         result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup,

@@ -413,6 +413,11 @@ def test_changed_settings_are_named_and_resume_never_starts_fresh(built, tmp_pat
     with pytest.raises(ValueError, match="train.memory_cap_gb 24.0 needs a GPU"):
         preflight(tiny_config(*one_rank, "train.steps=3", "train.memory_cap_gb=24"), built["latents"], built["model"],
                   built["data"], run_dir, 1)
+    # Compiled on the CPU, part of the UNet would get zero gradients and stay untrained, silently
+    # (tests/test_compile_grads.py fails when torch fixes it: then lift this check)
+    with pytest.raises(ValueError, match="train.compile needs a GPU: torch's CPU Inductor gives part of the UNet zero"):
+        preflight(tiny_config(*one_rank, "train.steps=3", "train.compile=true"), built["latents"], built["model"],
+                  built["data"], run_dir, 1)
     assert json.loads((run_dir / "train.json").read_text())["final_step"] == 3
     fresh = train(built, run_dir, *one_rank, "train.steps=2", "train.lr=0.5", "train.resume=never")
     assert "resumed" not in fresh.stdout

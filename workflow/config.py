@@ -236,7 +236,12 @@ class TrainConfig(Section):
         None, gt=0, description="cap each rank's GPU memory at this many GiB (torch.cuda."
         "set_per_process_memory_fraction): a recipe for a smaller card runs out of memory here as it would "
         "there (config/cards/); null: the whole card")
-    compile: bool = Field(False, description="torch.compile the UNet (GPU; the first steps compile, minutes)")
+    expandable_segments: bool = Field(
+        False, description="PyTorch's caching allocator grows its segments instead of reserving fixed blocks "
+        "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): under a card's memory, free memory left in pieces "
+        "between blocks can still serve a large request (config/cards/24gb.yaml needs it). GPU only")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU only: torch's CPU Inductor gives part of "
+                          "the UNet zero gradients, bench/compile_grads.py; the first steps compile, minutes)")
     compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
         "per_bucket", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
         "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "

@@ -149,10 +149,10 @@ def set_gradient_checkpointing(unet, blocks: list[str]) -> None:
     unet.enable_gradient_checkpointing()
     for name, module in unet.named_modules():
         if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = _top_block(name) in blocks
+            module.gradient_checkpointing = top_block(name) in blocks
 
 
-def _top_block(module_name: str) -> str:
+def top_block(module_name: str) -> str:
     """'down_blocks.1.attentions.0' -> 'down_blocks.1'; 'mid_block.resnets.0' -> 'mid_block'."""
     parts = module_name.split(".")
     return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]

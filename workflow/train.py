@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import checkpoints
 from .cache import cache_fingerprint, fingerprint_mismatch
 from .cli import run, stage_main
-from .config import Config
+from .config import Config, TrainConfig
 from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch,
                           stop_when_parent_dies)
 from .ema import TrainingEMAs
@@ -156,7 +156,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     world = init_world()
     device = device_for(world)
     t = cfg.train
-    cap_gpu_memory(device, t.memory_cap_gb)
+    set_up_gpu_memory(device, t)
     dtype = PRECISION_DTYPES[t.precision]
     ckpt_dir = run_dir / "checkpoints"
     if world.is_main:
@@ -346,6 +346,23 @@ def check_memory_cap(cap_gb: float | None) -> None:
                          f"({torch.cuda.get_device_name(0)})")
 
 
+def set_up_gpu_memory(device: torch.device, t: TrainConfig) -> None:
+    """train.expandable_segments and train.memory_cap_gb for this process, before its first allocation."""
+    if device.type != "cuda":
+        return
+    if t.expandable_segments:
+        use_expandable_segments()
+    cap_gpu_memory(device, t.memory_cap_gb)
+
+
+def use_expandable_segments() -> None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for this process, before its first allocation.
+    Through torch's runtime setter (torch 2.13 moved it to torch._C), not the variable: ranks are forked
+    from a launcher that has already imported torch, where a variable set in the rank may come too late."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
+
+
 def cap_gpu_memory(device: torch.device, cap_gb: float | None) -> None:
     """This process may allocate at most `cap_gb` GiB on `device`: past it the caching allocator raises
     out-of-memory as the smaller card would (what it counts is reserved memory, as on that card)."""
@@ -387,6 +404,10 @@ def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, ru
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("train.precision fp16 needs a GPU: on the CPU its kernels are many times slower than fp32's; "
                          "use bf16 or fp32 here")
+    if cfg.train.compile and not torch.cuda.is_available():
+        raise ValueError("train.compile needs a GPU: torch's CPU Inductor gives part of the UNet zero gradients, "
+                         "which would leave those weights untrained (bench/compile_grads.py shows it); set "
+                         "train.compile false here")
     check_memory_cap(cfg.train.memory_cap_gb)
     check_cache(cfg, latent_dir, model_dir, data_dir)
     checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing)
