@@ -390,6 +390,17 @@ def test_a_second_training_waits_for_the_one_still_writing_the_run(built, tmp_pa
     assert json.loads((run_dir / "train.json").read_text())["final_step"] == 2
 
 
+def test_expandable_segments_reach_the_allocator():
+    """train.expandable_segments (config/cards/24gb.yaml, which ran out of memory without them): the
+    rank's call into torch's allocator settings exists in this torch and takes effect (bug caught: a
+    setter torch renamed, which would fail only on a GPU, or a misspelt setting). In a fresh process:
+    the setting is process-wide."""
+    code = ("import torch; from workflow.train import use_expandable_segments; use_expandable_segments(); "
+            "print(torch._C._accelerator_getAllocatorSettings())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "expandable_segments:True"
+
+
 def test_changed_settings_are_named_and_resume_never_starts_fresh(built, tmp_path):
     """Bugs caught: a resume under changed settings (silently mixing two trainings), and
     resume=never resuming anyway or leaving the old checkpoints to be resumed later. One rank: the
