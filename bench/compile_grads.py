@@ -11,8 +11,9 @@ exits 1 when a weight's gradient is zero only in the compiled run or differs by 
 Why: torch 2.13's CPU Inductor gives the weights whose gradient flows back through the first up
 block's upsampler zero gradients (84 of 208 on a small UNet); the aot_eager backend, which runs the
 same decompositions and partitioner without Inductor's code generation, gets them right
-(--backend aot_eager). Training silently froze half the UNet. On a CUDA GPU (torch 2.11, H100) the
-gradients agree (BENCHMARKS.md "Compiled gradients"); the train stage refuses train.compile on a CPU.
+(--backend aot_eager). A compiled run would leave those weights untrained without a word. On a CUDA
+GPU (torch 2.11, H100) the gradients agree (BENCHMARKS.md "Compiled under 12 and 24 GiB"); the train
+stage refuses train.compile on a CPU.
 """
 
 from __future__ import annotations

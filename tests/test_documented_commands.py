@@ -53,7 +53,7 @@ ELSEWHERE = {
         "test_bench_commands_on_a_gpu (needs CUDA; run on the lent H200)",
     "python bench/train.py --gpus 1,2,4 --no-baseline": "test_bench_commands_on_a_gpu (needs 4 GPUs)",
     COMPILE_GRADS: "test_bench_commands_on_a_gpu (needs CUDA; run on a lent H100, BENCHMARKS.md "
-                   "\"Compiled gradients\"); its CPU behaviour: tests/test_compile_grads.py",
+                   "\"Compiled under 12 and 24 GiB\"); its CPU behaviour: tests/test_compile_grads.py",
 }
 ALL_STAGES = {"prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report_files", "all"}
 
