@@ -366,7 +366,7 @@ def use_expandable_segments() -> None:
 def cap_gpu_memory(device: torch.device, cap_gb: float | None) -> None:
     """This process may allocate at most `cap_gb` GiB on `device`: past it the caching allocator raises
     out-of-memory as the smaller card would (what it counts is reserved memory, as on that card)."""
-    if cap_gb is None or device.type != "cuda":
+    if cap_gb is None:
         return
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
