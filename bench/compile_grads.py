@@ -83,8 +83,9 @@ def main() -> None:
                     p.normal_(std=0.02)
     if args.checkpointing:
         set_gradient_checkpointing(base, args.checkpointing.split(","))
-    resolution = args.resolution or base.config.sample_size * vae_factor(args.model)
-    inputs = unet_inputs(base.config, args.micro_batch, resolution, vae_factor(args.model), dtype, device=args.device)
+    vae = vae_factor(args.model)
+    resolution = args.resolution or base.config.sample_size * vae
+    inputs = unet_inputs(base.config, args.micro_batch, resolution, vae, dtype, device=args.device)
     eager = gradients(copy.deepcopy(base), inputs, None)
     compiled = gradients(copy.deepcopy(base), inputs, args.backend)
     result = {"bench": "compile_grads", "model": args.model, "device": args.device,
