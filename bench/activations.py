@@ -6,6 +6,7 @@ PyTorch's meta device (shapes and dtypes only), so SDXL at 1024 px takes seconds
     python bench/activations.py --model builtin:sdxl-arch                    # 1024 px
     python bench/activations.py --sets down_blocks.0,up_blocks.3 up_blocks.2,up_blocks.3
     python bench/activations.py --lora-rank 32                               # LoRA: the frozen UNet keeps less
+    python bench/activations.py --budgets 1 0.6 0.5 0.4                      # train.activation_memory_budget
 
 One forward of the UNet (bf16 weights as config/gpu.yaml trains; micro-batch 1) per checkpointing
 setting: none, all, each block alone, and each of --sets. `saved_mib` is what autograd keeps for
@@ -14,6 +15,13 @@ each checkpointed block keeps, counted once per storage, the weights left out (t
 whatever is checkpointed). `freed_mib` is a setting's saving against none, `forward_gflops` what
 recomputing a block costs once per micro-batch (torch's FLOP counter: matmuls, convolutions,
 attention). For a micro-batch of N, multiply both by N.
+
+--budgets: what the compiled UNet keeps for backward under each train.activation_memory_budget, the
+forward compiled as the train stage compiles it but through AOTAutograd's own backend with
+Inductor's partitioner (`aot_eager_decomp_partition`: the same split into forward and backward,
+no kernels generated, so it runs on the meta device). Budget 1 is what a compiled run keeps without
+a budget (less than eager: the partitioner recomputes some pointwise ops already). What recomputing
+costs in time is not counted here: a GPU measures it (bench/train.py). About 30 s a budget (SD 1.5).
 
 Attention is counted as a flash kernel keeps it (queries, keys, values, output and the softmax's
 log-sum-exp; no attention matrix): what SDPA's flash, memory-efficient and cuDNN backends keep on a
@@ -118,6 +126,29 @@ def flash_attention(active: bool = True):
         F.scaled_dot_product_attention = sdpa
 
 
+def compiled_saved_bytes(unet, inputs: dict, budget: float) -> int:
+    """Bytes the compiled forward keeps for backward under activation memory `budget`."""
+    import torch._functorch.config as functorch
+
+    set_gradient_checkpointing(unet, [])
+    torch._dynamo.reset()  # a new partition for each budget, not the graph compiled for the last one
+    weights = {p.untyped_storage()._cdata for p in unet.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            kept[storage._cdata] = storage.nbytes()
+        return t
+
+    forward = torch.compile(unet.forward, backend="aot_eager_decomp_partition")
+    with functorch.patch(activation_memory_budget=budget), flash_attention(next(unet.parameters()).is_meta), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward(**inputs).sample
+    del out
+    return sum(kept.values())
+
+
 def forward_flops(unet, inputs: dict, blocks: list[str]) -> dict[str, float]:
     """Forward FLOPs of each top-level block (and of the whole UNet, under "all")."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -143,8 +174,13 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=None, help="LoRA: the UNet frozen, adapters of this rank on "
                     "train.lora's default modules (frozen layers keep less for backward)")
     ap.add_argument("--sets", nargs="*", default=[], help="block sets to measure together, comma-separated each")
+    ap.add_argument("--budgets", nargs="*", type=float, default=[], help="train.activation_memory_budget values: "
+                    "what the compiled UNet keeps under each (0 < budget <= 1)")
     args = ap.parse_args()
 
+    bad = [b for b in args.budgets if not 0 < b <= 1]
+    if bad:
+        ap.error(f"--budgets {bad}: a budget lies in (0, 1], as train.activation_memory_budget")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     started = time.time()
     unet = random_unet(args.model, dtype, lora_rank=args.lora_rank)
@@ -167,10 +203,11 @@ def main() -> None:
         saved = saved_bytes(unet, inputs, chosen)
         sets[spec] = {"saved_mib": round(saved / MIB, 1), "freed_mib": round((none - saved) / MIB, 1),
                       "recompute_gflops": round(sum(flops[b] for b in chosen) / 1e9, 1)}
+    compiled = {str(b): {"saved_mib": round(compiled_saved_bytes(unet, inputs, b) / MIB, 1)} for b in args.budgets}
     print(json.dumps({"model": args.model, "mode": f"lora rank {args.lora_rank}" if args.lora_rank else "full",
                       "resolution": resolution, "micro_batch": args.micro_batch,
                       "dtype": args.dtype, "torch": torch.__version__, "saved_mib_without_checkpointing": round(none / MIB, 1),
-                      "forward_gflops": round(flops["all"] / 1e9, 1), "blocks": rows, "sets": sets,
+                      "forward_gflops": round(flops["all"] / 1e9, 1), "blocks": rows, "sets": sets, "compiled_budgets": compiled,
                       "seconds": round(time.time() - started, 1)}, indent=1))
 
 

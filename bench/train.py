@@ -88,7 +88,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:
-        compile_forward(unet, t.compile_shapes, stream.shapes)
+        compile_forward(unet, t.compile_shapes, stream.shapes, t.activation_memory_budget)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = load_noise_scheduler(model_dir)
@@ -256,6 +256,7 @@ def main() -> None:
               "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
                                                              "offload_optimizer", "offload_optimizer_ratio", "compile", "compile_shapes",
+                                                             "activation_memory_budget",
                                                              "gradient_checkpointing", "mode", "memory_cap_gb",
                                                              "expandable_segments")},
               "ema": {"decay": cfg.ema.decay, "offload": cfg.ema.offload}, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
@@ -265,7 +266,8 @@ def main() -> None:
         progress("plain_pytorch", result["plain_pytorch"])
     runs = []
     for g in gpu_counts:
-        runs.append(train_stage(cfg, data, model, latents, runs_root / f"run-{g}gpu", g, args.warmup))
+        run_name = f"run-{args.label}-{g}gpu" if args.label else f"run-{g}gpu"  # benches side by side: one folder each
+        runs.append(train_stage(cfg, data, model, latents, runs_root / run_name, g, args.warmup))
         progress("train_stage", runs[-1])
     result["train_stage"] = runs
     if not args.no_baseline:

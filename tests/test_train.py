@@ -80,6 +80,9 @@ def test_generated_deepspeed_config(tmp_path):
     ("train.deepspeed={'zero_optimization': {'stage': 3}}", "set train.zero_stage"),
     ("train.deepspeed={'zero_optimization': {'reduce_bucket_size': 1}}", "has no effect with train.zero_stage 0"),
     ("train.deepspeed={'zero_optimization': {'reduce_bucket_size': 'auto'}}", "\"auto\" is only resolved"),
+    # torch reads the budget only when it partitions a compiled graph: eager it would do nothing
+    ("train.activation_memory_budget=0.5", "train.activation_memory_budget: 0.5 needs train.compile: true"),
+    (("train.compile=true", "train.activation_memory_budget=1.5"), "train.activation_memory_budget"),
     ("train.zero_stage=4", "train.zero_stage"),
     ("train.lr_schedule=step", "train.lr_schedule"),
 ])
@@ -399,6 +402,45 @@ def test_expandable_segments_reach_the_allocator():
             "print(torch._C._accelerator_getAllocatorSettings())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "expandable_segments:True"
+
+
+ACTIVATION_BUDGET_PROBE = """
+import json, torch
+from workflow.engine import compile_forward
+
+def saved_and_grad(budget):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(256, 256), torch.nn.LayerNorm(256),
+                                                              torch.nn.GELU())])
+    compile_forward(net, "auto", 1, budget)
+    x = torch.randn(512, 256, requires_grad=True)
+    saved, weights = {}, {p.untyped_storage().data_ptr() for p in net.parameters()}
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = net(x)
+    y.square().mean().backward()
+    return sum(n for k, n in saved.items() if k not in weights), x.grad
+
+full, grad = saved_and_grad(None)
+budgeted, budgeted_grad = saved_and_grad(0.1)
+print(json.dumps({"full": full, "budgeted": budgeted, "grad_diff": (grad - budgeted_grad).abs().max().item()}))
+"""
+
+
+def test_activation_memory_budget_reaches_the_compiled_graph():
+    """train.activation_memory_budget: what the compiled graph keeps for backward shrinks, and the
+    gradients stay what they were. Bug caught: the budget set after torch partitioned the graph (or a
+    torch setting renamed), which leaves a capped recipe's activations at full size, out of memory on
+    the card it names. Inductor on this CPU compiles a small MLP correctly (its zero gradients are the
+    UNet's, tests/test_compile_grads.py); a fresh process, the setting being process-wide."""
+    out = subprocess.run([sys.executable, "-c", ACTIVATION_BUDGET_PROBE], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["budgeted"] < got["full"] / 4, got
+    assert got["grad_diff"] < 1e-5, got
 
 
 def test_changed_settings_are_named_and_resume_never_starts_fresh(built, tmp_path):

@@ -31,7 +31,7 @@ RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.keep_checkp
                      "cache.batch_size", "ema.use", "ema.offload", "ema.target_sigma_rel", "ema.fuse_lora",
                      "ema.posthoc.snapshot_every",
                      "train.compile", "train.compile_shapes", "train.compile_cache", "train.profile_at",
-                     "train.memory_cap_gb", "train.expandable_segments",
+                     "train.memory_cap_gb", "train.expandable_segments", "train.activation_memory_budget",
                      "train.gradient_checkpointing"}  # how the step runs, not what it computes
 
 

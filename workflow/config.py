@@ -242,6 +242,12 @@ class TrainConfig(Section):
         "between blocks can still serve a large request (config/cards/24gb.yaml needs it). GPU only")
     compile: bool = Field(False, description="torch.compile the UNet (GPU only: torch's CPU Inductor gives part of "
                           "the UNet zero gradients, bench/compile_grads.py; the first steps compile, minutes)")
+    activation_memory_budget: float | None = Field(
+        None, gt=0, le=1, description="with train.compile: how much of the activations the compiled UNet keeps for "
+        "backward, between 0 (recompute all it can) and 1 (keep what is fastest), through torch's "
+        "torch._functorch.config.activation_memory_budget: Inductor's partitioner recomputes the ops that free "
+        "the most bytes for the fewest FLOPs (norms, activations, other pointwise ops first) instead of whole "
+        "blocks as train.gradient_checkpointing does; null: torch's default (1)")
     compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
         "per_bucket", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
         "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "
@@ -291,6 +297,10 @@ class TrainConfig(Section):
             raise ValueError(f"train.offload_optimizer_ratio: {self.offload_optimizer_ratio} needs "
                              f"train.offload_optimizer: cpu and train.zero_stage 3 (got {self.offload_optimizer}, "
                              f"{self.zero_stage})")
+        if self.activation_memory_budget is not None and not self.compile:
+            # torch reads the budget only when it partitions a compiled graph: eager it would do nothing
+            raise ValueError(f"train.activation_memory_budget: {self.activation_memory_budget} needs train.compile: "
+                             "true (it sets what the compiled graph recomputes)")
         problems = deepspeed_problems(self.deepspeed, self.zero_stage, self.precision)
         if problems:
             raise ValueError("\n".join(problems))

@@ -112,7 +112,7 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
     scale_zero0_fp16_loss(engine)
     if cfg.train.compile:
         use_compile_cache(cfg.train.compile_cache)
-        compile_forward(unet, cfg.train.compile_shapes, shapes)
+        compile_forward(unet, cfg.train.compile_shapes, shapes, cfg.train.activation_memory_budget)
     return engine, lr_sched
 
 
@@ -123,14 +123,22 @@ def use_compile_cache(folder: str | None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder).resolve())
 
 
-def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1) -> None:
+def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1,
+                    activation_memory_budget: float | None = None) -> None:
     """torch.compile `module.forward` in place; state-dict names stay the same. Only forward: compiling
     the whole call (nn.Module.compile, DeepSpeed's engine.compile) also traces DeepSpeed's forward
     hooks, where Dynamo breaks the graph five times (a ZeroStageEnum comparison it cannot trace).
 
     `shapes` = the latent shapes training meets (one per bucket). per_bucket compiles one static graph
     per shape, for training and for the validation loss (no_grad is another graph): Dynamo's recompile
-    limit (8) would otherwise stop compiling past 8 graphs and run the rest eagerly, silently slow."""
+    limit (8) would otherwise stop compiling past 8 graphs and run the rest eagerly, silently slow.
+
+    `activation_memory_budget` (train.activation_memory_budget) is torch's process-wide setting, read
+    when the first call partitions the graph into forward and backward."""
+    if activation_memory_budget is not None:
+        import torch._functorch.config as functorch
+
+        functorch.activation_memory_budget = activation_memory_budget
     if mode == "per_bucket":
         import torch._dynamo.config as dynamo
 
