@@ -16,12 +16,14 @@ whatever is checkpointed). `freed_mib` is a setting's saving against none, `forw
 recomputing a block costs once per micro-batch (torch's FLOP counter: matmuls, convolutions,
 attention). For a micro-batch of N, multiply both by N.
 
---budgets: what the compiled UNet keeps for backward under each train.activation_memory_budget, the
-forward compiled as the train stage compiles it but through AOTAutograd's own backend with
-Inductor's partitioner (`aot_eager_decomp_partition`: the same split into forward and backward,
-no kernels generated, so it runs on the meta device). Budget 1 is what a compiled run keeps without
-a budget (less than eager: the partitioner recomputes some pointwise ops already). What recomputing
-costs in time is not counted here: a GPU measures it (bench/train.py). About 30 s a budget (SD 1.5).
+--budgets: what the compiled UNet keeps for backward under each train.activation_memory_budget, and
+the forward FLOPs its backward recomputes for it (the backward's FLOPs above budget 1's, which is
+always measured), the forward compiled as the train stage compiles it but through AOTAutograd's own
+backend with Inductor's partitioner (`aot_eager_decomp_partition`: the same split into forward and
+backward, no kernels generated, so it runs on the meta device). Budget 1 is what a compiled run
+keeps without a budget (less than eager: the partitioner recomputes some pointwise ops already).
+Pointwise recompute costs memory traffic, not FLOPs, so the time is a GPU's to measure
+(bench/train.py). About 30 s a budget (SD 1.5).
 
 Attention is counted as a flash kernel keeps it (queries, keys, values, output and the softmax's
 log-sum-exp; no attention matrix): what SDPA's flash, memory-efficient and cuDNN backends keep on a
@@ -85,9 +87,9 @@ def unet_inputs(config, micro_batch: int, resolution: int, vae: int, dtype: torc
     return inputs
 
 
-def saved_bytes(unet, inputs: dict, blocks: list[str]) -> int:
-    """Bytes autograd keeps for backward after one forward that checkpoints `blocks`."""
-    set_gradient_checkpointing(unet, blocks)
+@contextmanager
+def kept_for_backward(unet):
+    """{storage: bytes} that autograd saves for backward inside the block, the weights left out."""
     weights = {p.untyped_storage()._cdata for p in unet.parameters()}
     kept: dict[int, int] = {}
 
@@ -97,10 +99,16 @@ def saved_bytes(unet, inputs: dict, blocks: list[str]) -> int:
             kept[storage._cdata] = storage.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+
+
+def saved_bytes(unet, inputs: dict, blocks: list[str]) -> int:
+    """Bytes autograd keeps for backward after one forward that checkpoints `blocks`."""
+    set_gradient_checkpointing(unet, blocks)
     # Inside a checkpointed block, checkpoint's own hooks take the saved tensors (and drop them);
     # what it keeps, the block's inputs, is saved outside them and counted here.
-    on_meta = next(unet.parameters()).is_meta
-    with flash_attention(on_meta), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with flash_attention(next(unet.parameters()).is_meta), kept_for_backward(unet) as kept:
         out = unet(**inputs).sample
     del out
     return sum(kept.values())
@@ -126,27 +134,35 @@ def flash_attention(active: bool = True):
         F.scaled_dot_product_attention = sdpa
 
 
-def compiled_saved_bytes(unet, inputs: dict, budget: float) -> int:
-    """Bytes the compiled forward keeps for backward under activation memory `budget`."""
+def compiled_budget(unet, inputs: dict, budget: float) -> tuple[int, float]:
+    """(bytes the compiled forward keeps for backward, FLOPs of its backward) under activation memory
+    `budget`: the backward's FLOPs above budget 1's are the forward work it recomputes."""
     import torch._functorch.config as functorch
+    import torch.utils.flop_counter as flop_counter
 
     set_gradient_checkpointing(unet, [])
     torch._dynamo.reset()  # a new partition for each budget, not the graph compiled for the last one
-    weights = {p.untyped_storage()._cdata for p in unet.parameters()}
-    kept: dict[int, int] = {}
+    unet.zero_grad(set_to_none=True)
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            kept[storage._cdata] = storage.nbytes()
-        return t
+    # the counter knows the GPU's flash kernels, not the CPU one flash_attention() calls: the same FLOPs
+    def cpu_flash(q, k, v, *_, out_shape=None, **__):
+        return flop_counter.sdpa_flop_count(q, k, v)
 
+    def cpu_flash_backward(grad, q, k, v, *_, out_shape=None, **__):
+        return flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+
+    aten = torch.ops.aten
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_flash_backward})
     forward = torch.compile(unet.forward, backend="aot_eager_decomp_partition")
-    with functorch.patch(activation_memory_budget=budget), flash_attention(next(unet.parameters()).is_meta), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward(**inputs).sample
-    del out
-    return sum(kept.values())
+    with functorch.patch(activation_memory_budget=budget), flash_attention(next(unet.parameters()).is_meta):
+        with kept_for_backward(unet) as kept:
+            loss = forward(**inputs).sample.float().square().mean()
+        with counter:
+            loss.backward()
+    unet.zero_grad(set_to_none=True)
+    return sum(kept.values()), counter.get_total_flops()
 
 
 def forward_flops(unet, inputs: dict, blocks: list[str]) -> dict[str, float]:
@@ -203,7 +219,13 @@ def main() -> None:
         saved = saved_bytes(unet, inputs, chosen)
         sets[spec] = {"saved_mib": round(saved / MIB, 1), "freed_mib": round((none - saved) / MIB, 1),
                       "recompute_gflops": round(sum(flops[b] for b in chosen) / 1e9, 1)}
-    compiled = {str(b): {"saved_mib": round(compiled_saved_bytes(unet, inputs, b) / MIB, 1)} for b in args.budgets}
+    compiled = {}
+    if args.budgets:
+        budgets = sorted(set(args.budgets) | {1.0}, reverse=True)  # budget 1: the backward without recompute
+        measured = {b: compiled_budget(unet, inputs, b) for b in budgets}
+        compiled = {str(b): {"saved_mib": round(saved / MIB, 1),
+                             "recompute_gflops": round((flops - measured[1.0][1]) / 1e9, 1)}
+                    for b, (saved, flops) in measured.items()}
     print(json.dumps({"model": args.model, "mode": f"lora rank {args.lora_rank}" if args.lora_rank else "full",
                       "resolution": resolution, "micro_batch": args.micro_batch,
                       "dtype": args.dtype, "torch": torch.__version__, "saved_mib_without_checkpointing": round(none / MIB, 1),

@@ -651,14 +651,15 @@ def test_bench_commands_on_a_gpu(tmp_path):
     assert (grads["lora_rank"], grads["checkpointing"]) == (32, "down_blocks.0,up_blocks.3")
 
 
-ACTIVATIONS = "python bench/activations.py --sets down_blocks.0,up_blocks.3 down_blocks.0,down_blocks.1,up_blocks.2,up_blocks.3"
+ACTIVATIONS = ("python bench/activations.py --sets down_blocks.0,up_blocks.3 down_blocks.0,down_blocks.1,up_blocks.2,up_blocks.3"
+               " --budgets 1 0.5")
 
 
 @runs(ACTIVATIONS)
 def test_activation_figures_the_readme_quotes(tmp_path):
     """The README's bench/activations.py line as written, on this CPU: SD 1.5's nine blocks and the
     figures the README quotes (catches a README figure the command no longer gives, e.g. after a
-    diffusers upgrade changes what the UNet keeps, and --sets that do not reach the output)."""
+    diffusers upgrade changes what the UNet keeps, and --sets or --budgets that do not reach the output)."""
     proc = run_documented(ACTIVATIONS, copy_repo(tmp_path / "repo"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -669,3 +670,7 @@ def test_activation_figures_the_readme_quotes(tmp_path):
     quoted = {"down_blocks.0,up_blocks.3": (422, 307), "down_blocks.0,down_blocks.1,up_blocks.2,up_blocks.3": (631, 542),
               "all": (746, 803)}
     assert {name: (round(s["freed_mib"]), round(s["recompute_gflops"])) for name, s in out["sets"].items()} == quoted
+    # what the compiled UNet keeps under train.activation_memory_budget (catches a budget that does not
+    # reach the partitioner: every budget would keep the same)
+    assert {b: (round(s["saved_mib"]), round(s["recompute_gflops"])) for b, s in out["compiled_budgets"].items()} == {
+        "1.0": (741, 0), "0.5": (366, 151)}
