@@ -190,7 +190,8 @@ def main() -> None:
                     "train.lora's default modules (frozen layers keep less for backward)")
     ap.add_argument("--sets", nargs="*", default=[], help="block sets to measure together, comma-separated each")
     ap.add_argument("--budgets", nargs="*", type=float, default=[], help="train.activation_memory_budget values: "
-                    "what the compiled UNet keeps under each (0 < budget <= 1)")
+                    "what the compiled UNet keeps under each and the forward GFLOPs its backward recomputes "
+                    "(0 < budget <= 1; budget 1 is always measured, the baseline of the recompute)")
     args = ap.parse_args()
 
     bad = [b for b in args.budgets if not 0 < b <= 1]
