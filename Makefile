@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet --no-compile -e '.[test]'
+	$(VENV)/bin/pip install --quiet --no-compile --no-deps $$($(VENV)/bin/python -m workflow.wheelhouse --data-only)
+	$(VENV)/bin/python -m workflow.snakemake_hook --install
 	$(VENV)/bin/python -m workflow.build_ops
 	touch $(STAMP)
 

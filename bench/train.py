@@ -1,9 +1,9 @@
 """Benchmark the train stage against a plain-PyTorch loop, in the same run. Prints JSON.
 
-    python bench/train.py                                  # GPU: SD 1.5 UNet, 512 px, config/gpu.yaml
+    python bench/train.py                                  # GPU: SD 1.5 UNet, 512 px, the auto settings
     python bench/train.py --gpus 1,2,4                     # scaling: the stage on 1, 2 and 4 GPUs
     python bench/train.py --set train.micro_batch=1 --set train.offload_optimizer=cpu --no-baseline
-    python bench/train.py --configfile config/gpu.yaml config/cards/24gb.yaml --memory-cap-gb 24  # a 24 GB card
+    python bench/train.py --configfile config/cards/24gb.yaml --memory-cap-gb 24  # a 24 GB card's recipe
     python bench/train.py --model builtin:tiny --images 96 --resolution 32 --set train.micro_batch=4 \\
         --set train.compile=false --steps 6 --warmup 2 --log-every 2          # CPU smoke run
 
@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from bench_common import write_jpegs  # noqa: E402
+from workflow.auto import Hardware, resolve  # noqa: E402
 from workflow.cache import cache  # noqa: E402
+from workflow.families import family_of, native_resolution  # noqa: E402
 from workflow.config import Config, load_config_files  # noqa: E402
 from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
@@ -50,7 +52,7 @@ from workflow.models import (added_conditions, checkpointed_blocks, latent_scali
                              load_unet, load_vae, set_gradient_checkpointing)
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
-from workflow.train import set_up_gpu_memory  # noqa: E402
+from workflow.gpu_memory import set_up_gpu_memory  # noqa: E402
 
 
 def bench_config(args: argparse.Namespace, root: Path) -> Config:
@@ -194,6 +196,7 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
     shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoint is ~15 GB
     first = records[0]  # its window holds the compilation
     return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),
+            **{k: result[k] for k in ("precision", "zero_stage", "micro_batch", "lr")},
             "first_window_s": round(result["global_batch"] * first["step"] / first["images_per_s"], 1),
             "checkpoint_s": result["last_checkpoint_s"], "compiled_graphs": result.get("compiled_graphs"),
             "peak_allocated_gb": result["peak_gpu_allocated_gb"], "peak_reserved_gb": result["peak_gpu_reserved_gb"],
@@ -207,8 +210,8 @@ def progress(what: str, value) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configfile", nargs="+", default=[str(REPO / "config" / "gpu.yaml")],
-                    help="laid over config.yaml in this order ('' for none), e.g. config/gpu.yaml config/one-gpu.yaml")
+    ap.add_argument("--configfile", nargs="+", default=[],
+                    help="laid over config.yaml in this order, e.g. config/cards/24gb.yaml; none: the auto settings")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.zero_stage=2")
     ap.add_argument("--model", default="builtin:sd15-arch")
     ap.add_argument("--images", type=int, default=1024)
@@ -236,10 +239,12 @@ def main() -> None:
         args.set.append(f"train.memory_cap_gb={args.memory_cap_gb}")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
-    cfg = bench_config(args, root)
+    given = bench_config(args, root)  # `auto` left for each stage to resolve for its own GPUs
     started = time.time()
     aspects = [float(a.split(":")[0]) / float(a.split(":")[1]) for a in args.aspects.split(",")] if args.aspects else None
-    data, model, latents = build_inputs(cfg, root, args.images, aspects)
+    data, model, latents = build_inputs(given, root, args.images, aspects)
+    cfg = resolve(given, Hardware(1, torch.cuda.is_available(), None, "one GPU"), family_of(model),
+                  native_resolution(model))[0]  # what one rank (and the plain loop) runs
     if torch.cuda.is_available():  # the cache stage's VAE left ~38 GB in this process's allocator: the
         torch.cuda.empty_cache()   # train stage's process (micro-batch 64) ran out of memory beside it on an H100
     setup_s = round(time.time() - started, 1)
@@ -267,7 +272,7 @@ def main() -> None:
     runs = []
     for g in gpu_counts:
         run_name = f"run-{args.label}-{g}gpu" if args.label else f"run-{g}gpu"  # benches side by side: one folder each
-        runs.append(train_stage(cfg, data, model, latents, runs_root / run_name, g, args.warmup))
+        runs.append(train_stage(given, data, model, latents, runs_root / run_name, g, args.warmup))
         progress("train_stage", runs[-1])
     result["train_stage"] = runs
     if not args.no_baseline:

@@ -1,20 +1,51 @@
-# Config loading/validation and the paths every rule shares. All logic lives in workflow/.
+# Config loading/validation, `auto` settings, input checks and the paths every rule shares. All logic
+# lives in workflow/ (config.py, auto.py, inputs.py, cluster.py); this file only calls it.
 import json
 import os
 import sys
 from pathlib import Path
 
-from workflow.config import TINY_BUILTINS, ConfigError, stage_config, validate
+from workflow.auto import Hardware, check_card, resolve
+from workflow.cluster import check_slurm_site, submits_to_slurm
+from workflow.config import TINY_BUILTINS, ConfigError, read_config_file, stage_config, validate_layers
+from workflow.families import UnknownModel
+from workflow.inputs import check_inputs
 
+
+def config_layers():
+    """config.yaml, each --configfile in the order given, then --config: what Snakemake merged into
+    `config`, kept apart so that an error names the layer a bad value came from."""
+    settings = workflow.config_settings
+    layers = [("config.yaml", read_config_file(Path("config.yaml")))]
+    for path in settings.configfiles or []:
+        shown = os.path.relpath(path) if Path(path).is_absolute() else str(path)
+        layers.append((shown, read_config_file(Path(path))))
+    layers.append(("--config", dict(settings.config or {})))
+    return layers
+
+
+ON_SLURM = submits_to_slurm()
 try:
-    # `config` = config.yaml (or --configfile) + --config key=value overrides (dotted keys allowed).
-    CFG = validate(config, "config (config.yaml + --config)")
-except ConfigError as e:
+    RAW_CFG = validate_layers(config_layers())
+    SOURCE = check_inputs(RAW_CFG)  # the model, data and prior images exist and are usable
+    HARDWARE = Hardware.slurm(RAW_CFG) if ON_SLURM else Hardware.this_machine(RAW_CFG)
+    RESOLUTION = RAW_CFG.cache.resolution if RAW_CFG.cache.resolution != "auto" else SOURCE.resolution
+    check_card(RAW_CFG, SOURCE.family, RESOLUTION, HARDWARE)
+    CFG, CHOICES = resolve(RAW_CFG, HARDWARE, SOURCE.family, SOURCE.resolution)
+    if ON_SLURM and workflow.is_main_process:
+        check_slurm_site()  # the profile's placeholders, before anything is submitted
+except (ConfigError, UnknownModel, FileNotFoundError) as e:
     raise WorkflowError(str(e)) from None
 
+if CHOICES and workflow.is_main_process:
+    print(f"auto settings ({HARDWARE.where}; workflow/auto.py):", file=sys.stderr)
+    for choice in CHOICES:
+        print(f"  {choice.key} = {choice.value}  ({choice.why})", file=sys.stderr)
+
 PY = sys.executable  # the interpreter running snakemake (the project's venv) runs every stage
-DATA = f"results/data/{CFG.dataset_name}"
+DATA = f"results/data/{CFG.prepared_name}"
 MODEL = f"resources/models/{CFG.model_name}"
+PRIOR = f"results/prior/{CFG.model_name}/{CFG.prior_dir_name}" if CFG.data.prior.generated else None
 LATENTS = f"results/latents/{CFG.dataset_name}/{CFG.encoder_key}"
 RUN = f"results/runs/{CFG.run}"
 LOGS = f"logs/{CFG.run}"
@@ -29,11 +60,9 @@ def stage_cfg(stage):
 def train_threads():
     """Here: one per rank `train` starts (one per visible GPU, else train.procs). On a cluster: the
     cores of one node's GPUs."""
-    if os.environ.get("SLURM_JOB_ID") or workflow._cores is None:
+    if ON_SLURM or os.environ.get("SLURM_JOB_ID"):
         return SLURM.cpus_per_gpu * SLURM.gpus_per_node
-    from workflow.gpus import visible_gpus
-
-    return max(visible_gpus() or CFG.train.procs, 1)
+    return HARDWARE.ranks
 
 
 # ---- Slurm resources (profiles/slurm); a local run ignores them
@@ -65,9 +94,9 @@ def train_job():
 def job_cores():
     """A job's threads: every core here; on a cluster (also inside its jobs, where --cores means the
     node's cores) the cores of one GPU's share, so a job never asks for more than it was given."""
-    if os.environ.get("SLURM_JOB_ID"):  # inside a cluster job, --cores is the whole node's
+    if ON_SLURM or os.environ.get("SLURM_JOB_ID"):
         return SLURM.cpus_per_gpu
     try:
         return workflow.cores
-    except WorkflowError:  # submitting to a cluster: no --cores
+    except WorkflowError:  # no --cores (a dry-run)
         return SLURM.cpus_per_gpu

@@ -6,8 +6,9 @@ def fetch_model_inputs(wildcards):
     return [f"{DATA}/manifest.json"] if FITTED_ON_DATA else []
 
 
-# A Hub download needs the login node's internet; a builtin model or a local folder is a job.
-if not CFG.model.pretrained.startswith("builtin:") and not Path(CFG.model.pretrained).expanduser().exists():
+# A Hub download needs the login node's internet; a builtin model, a local folder or a single-file
+# checkpoint (converted here) is a job.
+if SOURCE.kind == "hub":
 
     localrules:
         fetch_model,

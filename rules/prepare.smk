@@ -1,7 +1,7 @@
 # A Hub data set (the data's or the prior images') is downloaded by prepare: then it runs where the
 # internet is (the login node).
 if any(source and source.startswith("hf:") and not Path(source[3:]).expanduser().exists()
-       for source in (CFG.data.source, CFG.data.prior.source)):
+       for source in (CFG.data.source, None if CFG.data.prior.generated else CFG.data.prior.source)):
 
     localrules:
         prepare,
@@ -14,8 +14,8 @@ rule prepare:
         cfg=stage_cfg("prepare"),
         out=DATA,
     log:
-        f"logs/data/{CFG.dataset_name}/prepare.log",
+        f"logs/data/{CFG.prepared_name}/prepare.log",
     benchmark:
-        f"benchmarks/data/{CFG.dataset_name}/prepare.tsv"
+        f"benchmarks/data/{CFG.prepared_name}/prepare.tsv"
     shell:
         "{PY} -m workflow.prepare --config {params.cfg:q} --out {params.out} > {log} 2>&1"

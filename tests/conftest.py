@@ -39,7 +39,12 @@ TINY_OVERRIDES = [
 
 
 def tiny_config(*extra: str) -> Config:
-    return load_config(REPO / "config.yaml", TINY_OVERRIDES + list(extra))
+    """config.yaml with the tests' overrides, `auto` resolved for CPU ranks as the Snakefile resolves it on
+    a machine without GPUs (the model's own keys stay auto for a model folder: the stages resolve them)."""
+    from workflow.auto import Hardware, resolve
+
+    cfg = load_config(REPO / "config.yaml", TINY_OVERRIDES + list(extra))
+    return resolve(cfg, Hardware(cfg.train.procs, False, None, "the tests' CPU ranks"), None, None)[0]
 
 
 def stage_argv(stage: str, cfg: Config, *args: str) -> list[str]:

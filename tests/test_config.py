@@ -14,14 +14,45 @@ def test_default_config_file_matches_typed_defaults():
     assert _keys(written) == _keys(Config().model_dump(mode="json")), "config.yaml must list every key"
 
 
-def test_gpu_configs_lay_over_the_defaults():
-    def layered(*names):
-        return load_config_files([REPO / "config.yaml", *(REPO / "config" / name for name in names)])
+def test_card_recipes_compose_or_name_the_conflict():
+    """Bugs caught: two card recipes laid over each other silently mixing (the later one's micro-batch
+    with the earlier one's offload), and a later config file quietly changing a measured recipe key
+    (config/small-data.yaml's micro-batch 8 over an 8 GB card's 2 runs out of memory on that card)."""
+    def layered(*names, overrides=()):
+        return load_config_files([REPO / "config.yaml", *(REPO / "config" / name for name in names)], list(overrides))
 
-    gpu = layered("gpu.yaml")
-    assert (gpu.train.precision, gpu.train.zero_stage, gpu.cache.resolution) == ("bf16", 2, 512)
-    one_gpu = layered("gpu.yaml", "one-gpu.yaml")
-    assert (one_gpu.train.precision, one_gpu.train.zero_stage, one_gpu.train.compile) == ("bf16-mixed", 0, True)
+    card = layered("cards/24gb.yaml")
+    assert (card.recipe.name, card.recipe.card_gb, card.train.zero_stage, card.train.precision) == ("24gb", 24, 2, "bf16")
+    with pytest.raises(ConfigError, match="two card recipes in one run: .*24gb.yaml.*lora-16gb.yaml"):
+        layered("cards/24gb.yaml", "cards/lora-16gb.yaml")
+    with pytest.raises(ConfigError, match="small-data.yaml changes train.lora.rank, train.micro_batch of the card recipe .*sdxl-lora-8gb"):
+        layered("cards/sdxl-lora-8gb.yaml", "small-data.yaml")
+    recipe_last = layered("small-data.yaml", "cards/sdxl-lora-8gb.yaml",  # the card's measured settings win
+                          overrides=["data.prior.caption=a photo of a dog"])
+    assert (recipe_last.train.micro_batch, recipe_last.data.prior.source) == (2, "generate")
+    # a key set by name on the command line is the user's choice
+    assert layered("cards/24gb.yaml", overrides=["train.micro_batch=8"]).train.micro_batch == 8
+
+
+def test_errors_name_the_layer_suggest_the_key_and_show_the_list_syntax(tmp_path):
+    """Bugs caught: 'unknown key' with no hint for another trainer's name (learning_rate), an error
+    that does not say which file set the bad value, and a list given as a plain string ('a photo')
+    answered with 'Input should be a valid list' and no example."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  learning_rate: 1.0e-4\n  zero_stage: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config_files([REPO / "config.yaml", mine], ["sample.prompts=a photo of rex", "train.lora.rnak=4"])
+    text = str(e.value)
+    assert f"train.learning_rate: unknown key; did you mean train.lr? (got 0.0001) [{mine}]" in text
+    assert f"train.zero_stage: Input should be 0, 1, 2, 3 or 'auto' (got 5) [{mine}]" in text
+    assert "train.lora.rnak: unknown key; did you mean train.lora.rank?" in text and "[--set]" in text
+    assert """sample__prompts='["a photo of rex"]'""" in text
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError, match=f"{bad_yaml}:3:1: not valid YAML"):
+        load_config_files([bad_yaml])
+    with pytest.raises(ConfigError, match="gpu.yaml was removed; GPU settings are chosen"):
+        load_config_files([REPO / "config" / "gpu.yaml"])
 
 
 def _keys(node, prefix=""):
@@ -55,6 +86,8 @@ def test_overrides_parse_as_yaml_and_merge():
     cfg = load_config(REPO / "config.yaml", ["train.steps=10", "sample.seeds=[1, 2]", "train.lr=3e-4"])
     assert cfg.train.steps == 10 and cfg.sample.seeds == [1, 2] and cfg.train.lr == 3e-4
     assert cfg.train.micro_batch == Config().train.micro_batch  # siblings untouched
+    with pytest.raises(ConfigError, match="train.steps .* and train.epochs .* are both set"):
+        load_config(REPO / "config.yaml", ["train.steps=10", "train.epochs=3"])
 
 
 def test_dotted_keys_merge_into_sections_in_any_order():
@@ -109,10 +142,24 @@ def test_stage_config_only_carries_what_the_stage_reads():
 
 
 def test_derived_names():
+    """Bug caught: a real run after the demo landing in results/runs/digits-tiny (run stayed the demo's)."""
     cfg = load_config(None, ["data.source=imagefolder:/data/my pets/", "model.pretrained=/models/sd15"])
     assert cfg.dataset_name == "my-pets"
     assert cfg.model_name == "sd15"
     assert Config().model_name == "tiny-digits"
+    assert (Config().auto_run_name, cfg.auto_run_name) == ("digits-tiny", "my-pets-sd15")
+    lora = load_config(None, ["data.source=hf:/data/pokemon", "model.pretrained=/m/v1-5-pruned.safetensors",
+                              "train.mode=lora"])
+    assert lora.auto_run_name == "pokemon-v1-5-pruned-lora"
+    generated = load_config(None, ["data.source=imagefolder:/data/rex", "data.caption=a photo of sks dog",
+                                   "data.prior.source=generate", "data.prior.caption=a photo of a dog"])
+    assert generated.prepared_name == "rex" and generated.dataset_name.startswith("rex+prior-generated-")
+    assert generated.prior_dir_name.startswith("a-photo-of-a-dog-n100-s0-")
+    more = load_config(None, ["data.source=imagefolder:/data/rex", "data.prior.source=generate",
+                              "data.prior.caption=a photo of a dog", "data.prior.count=200"])
+    assert more.dataset_name != generated.dataset_name and more.prior_dir_name != generated.prior_dir_name
+    with pytest.raises(ConfigError, match="data.prior.source generate samples the prior images from data.prior.caption"):
+        load_config(None, ["data.prior.source=generate"])
 
 
 def test_auto_resolution_is_the_models_own(tmp_path):

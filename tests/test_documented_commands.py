@@ -25,9 +25,8 @@ import pytest
 import torch
 import yaml
 from conftest import run_stage
-from documented import (REPO, copy_repo, documented_commands, jobs, run_documented, shell_commands, stage_configs,
-                        user_env)
-from sd15_layout import sd15_layout
+from documented import (REPO, copy_repo, documented_commands, fake_gpus, jobs, run_documented, shell_commands,
+                        stage_configs, user_env)
 
 from workflow.config import Config, load_config
 
@@ -44,7 +43,6 @@ ELSEWHERE = {
     "make test-slurm": ".ci/run (test_ci_runs_the_documented_test_commands)",
     # Not in .ci/run (CI time, issue 19): downloads ~420 MB and runs the workflow from a bare venv.
     "make test-wheelhouse": "by hand: tests/test_wheelhouse.py (2 passed, 8 min 23 s, this session)",
-    "snakemake --profile slurm": "dry-run here; submitted to a real cluster by tests/test_slurm.py",
     "make wheelhouse": "tests/test_wheelhouse.py (make test-wheelhouse)",
     "make wheelhouse WHEEL_PYTHON=3.11": "tests/test_wheelhouse.py (make test-wheelhouse)",
     "python3 -m pip install --no-index --no-deps --target <dir> wheelhouse/*.whl": "tests/test_wheelhouse.py (make test-wheelhouse)",
@@ -56,6 +54,7 @@ ELSEWHERE = {
                    "\"Compiled under 12 and 24 GiB\"); its CPU behaviour: tests/test_compile_grads.py",
 }
 ALL_STAGES = {"prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report_files", "all"}
+# `snakemake --profile slurm` is also submitted to a real cluster by tests/test_slurm.py
 
 
 def runs(*commands: str):
@@ -69,6 +68,8 @@ def runs(*commands: str):
 def test_every_documented_command_is_run_by_a_test():
     """A command added to the docs without a test here fails this; so does a test of a command
     the docs no longer show."""
+    import test_quickstart  # noqa: F401 (its tests register README's quickstart lines)
+
     shown = documented_commands()
     covered = set(RUNS) | set(ELSEWHERE)
     untested = {c: where for c, where in shown.items() if c not in covered}
@@ -101,19 +102,31 @@ def pets(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sd15(built, tmp_path_factory) -> Path:
-    """A tiny model laid out like stable-diffusion-v1-5 (safety checker, fp16 variants, .bin)."""
-    return sd15_layout(built["model"], tmp_path_factory.mktemp("models") / "stable-diffusion-v1-5")
+def released(tmp_path_factory) -> dict[str, Path]:
+    """Diffusers folders of the released SD 1.5 and SDXL base configs, without weights: what a
+    dry-run reads of a user's model (family, resolution), at the real sizes."""
+    from workflow.families import FAMILIES
+    from workflow.single_file import write_family_config
+
+    root = tmp_path_factory.mktemp("released")
+    return {"sd1": write_family_config(root / "sd15", FAMILIES["sd1"], 512, "epsilon"),
+            "sdxl": write_family_config(root / "sdxl-base", FAMILIES["sdxl"], 1024, "epsilon")}
 
 
 # ---------------------------------------------------------------- dry-runs: what reaches each stage
 
 
-def _dry_runs(cwd: Path, cases: list[tuple[str, dict]]) -> list[subprocess.CompletedProcess]:
-    with ThreadPoolExecutor(2) as pool:  # Snakemake's start-up is one core's work
-        procs = list(pool.map(lambda case: run_documented(case[0], cwd, replace=case[1], dry_run=True), cases))
-    for (command, _), proc in zip(cases, procs):
-        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+def _dry_runs(cwd: Path, cases: list[tuple], check: bool = True) -> list[subprocess.CompletedProcess]:
+    """(command, placeholders[, PATH folders]) each dry-run, two at a time (Snakemake's start-up is one
+    core's work)."""
+    def one(case):
+        command, replace, *path = case
+        return run_documented(command, cwd, replace=replace, dry_run=True, path=path[0] if path else [])
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(one, cases))
+    for case, proc in zip(cases, procs):
+        assert not check or proc.returncode == 0, f"{case[0]}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return procs
 
 
@@ -151,193 +164,182 @@ def test_train_threads_follow_the_gpus_a_job_sees(tmp_path, monkeypatch):
     assert visible_gpus() == torch.cuda.device_count() and train_threads() == (torch.cuda.device_count() or 3)
 
 
-@runs("snakemake -n", "snakemake --cores all --until cache", "snakemake --cores all --config train__steps=1000 run=longer",
+@runs("snakemake -n", "snakemake -n -p", "snakemake --cores all --until cache",
+      "snakemake --cores all --config train__steps=1000 run=longer",
       "snakemake --cores all --config train__steps=100 run=short", "snakemake --profile profiles/local",
-      "snakemake --profile slurm -n")
+      "snakemake --profile slurm -n", "snakemake --profile slurm")
 def test_dry_runs_show_the_jobs_and_overrides(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     plain = run_documented("snakemake -n", repo)
     assert plain.returncode == 0 and jobs(plain) == ALL_STAGES, plain.stdout[-3000:] + plain.stderr[-3000:]
-    until, longer, short, local, slurm = _dry_runs(repo, [
+    printed, until, longer, short, local = _dry_runs(repo, [
+        ("snakemake -n -p", {}),
         ("snakemake --cores all --until cache", {}),
         ("snakemake --cores all --config train__steps=1000 run=longer", {}),
         ("snakemake --cores all --config train__steps=100 run=short", {}),
         ("snakemake --profile profiles/local", {}),
-        ("snakemake --profile slurm -n", {}),
     ])
+    # -p prints each stage's config: what `auto` resolved to, the same in every stage that reads it
+    cfg = stage_configs(printed)
+    assert set(cfg) == {"prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report"}
+    assert {cfg[s]["train"]["lr"] for s in ("train", "ema", "sample", "export")} == {2e-3}
+    assert (cfg["train"]["run"], cfg["cache"]["cache"]["resolution"], cfg["train"]["train"]["precision"]) == \
+        ("digits-tiny", 32, "fp32")
     assert jobs(until) == {"prepare", "fetch_model", "cache"}
     for proc, steps, run in ((longer, 1000, "longer"), (short, 100, "short")):
         cfg = stage_configs(proc)
         assert {s: cfg[s]["train"]["steps"] for s in ("train", "ema", "sample")} == dict.fromkeys(("train", "ema", "sample"), steps)
         assert cfg["train"]["run"] == run and f"--run-dir results/runs/{run}" in " ".join(shell_commands(proc, "train"))
     assert jobs(local) == ALL_STAGES
-    assert jobs(slurm) == ALL_STAGES and "slurm_partition=gpu" in slurm.stdout  # the profile's own site settings
+    # the Slurm profile as shipped: its placeholder account stops it before anything is submitted
+    for command in ("snakemake --profile slurm -n", "snakemake --profile slurm"):
+        shipped = run_documented(command, repo)
+        assert shipped.returncode != 0 and "slurm_account is still the placeholder 'my_account'" in shipped.stdout + shipped.stderr
+        assert "Submitted" not in shipped.stdout + shipped.stderr
     assert not (repo / "results").exists() and not (repo / "resources").exists()
 
 
-@runs("snakemake --profile slurm", "snakemake --profile slurm --config slurm__nodes=4 slurm__gpus_per_node=8 "
-      "train__zero_stage=2 train__precision=bf16 model__pretrained=/models/stable-diffusion-v1-5 ...",
-      "snakemake --profile slurm --configfile config/gpu.yaml --config ...")
-def test_slurm_profile_by_name_from_the_repo_root(tmp_path, sd15):
+def edit_site_settings(repo: Path) -> None:
+    """profiles/slurm/config.yaml's SITE SETTINGS with a site's account, as the docs ask a user to."""
+    profile = repo / "profiles" / "slurm" / "config.yaml"
+    site = yaml.safe_load(profile.read_text())
+    site["default-resources"] |= {"slurm_account": "ml-team"}
+    profile.write_text(yaml.safe_dump(site))
+
+
+def test_slurm_profile_by_name_from_the_repo_root(tmp_path):
     """`--profile slurm` is found in the repo root (Snakemake looks a name up in the working
-    directory) and is the same profile as `--profile profiles/slurm`."""
+    directory) and is the same profile as `--profile profiles/slurm`; once its site settings are set
+    it dry-runs every stage, with the GPU settings of the slurm: geometry (one GPU by default)."""
     repo = copy_repo(tmp_path / "repo")
-    by_name, by_path, multi, gpu = _dry_runs(repo, [
-        ("snakemake --profile slurm", {}),
-        ("snakemake --profile profiles/slurm", {}),
-        ("snakemake --profile slurm --config slurm__nodes=4 slurm__gpus_per_node=8 train__zero_stage=2 "
-         "train__precision=bf16 model__pretrained=/models/stable-diffusion-v1-5 ...",
-         {"/models/stable-diffusion-v1-5": str(sd15), " ...": ""}),
-        ("snakemake --profile slurm --configfile config/gpu.yaml --config ...", {" ...": ""}),
-    ])
+    edit_site_settings(repo)
+    by_name, by_path = _dry_runs(repo, [("snakemake --profile slurm", {}), ("snakemake --profile profiles/slurm", {})])
     assert (repo / "slurm").is_symlink() and (repo / "slurm").resolve() == (repo / "profiles" / "slurm").resolve()
     assert jobs(by_name) == jobs(by_path) == ALL_STAGES
-    assert "slurm_account=my_account" in by_name.stdout and "slurm_account=my_account" in by_path.stdout
-    train = " ".join(shell_commands(multi, "train"))
-    assert "srun --nodes=4 --ntasks-per-node=8 --gres=gpu:8" in train and "--preflight 32" in train
-    cfg = stage_configs(multi)["train"]
-    assert (cfg["train"]["zero_stage"], cfg["train"]["precision"], cfg["model"]["pretrained"]) == (2, "bf16", str(sd15))
-    cfg = stage_configs(gpu)["train"]
-    assert (cfg["train"]["zero_stage"], cfg["train"]["precision"], cfg["cache"]["resolution"]) == (2, "bf16", 512)
+    assert "slurm_account=ml-team" in by_name.stdout and "slurm_account=ml-team" in by_path.stdout
+    assert "slurm_partition=gpu" in by_name.stdout
+    train = stage_configs(by_name)["train"]["train"]
+    assert (train["precision"], train["zero_stage"]) == ("bf16-mixed", 0)  # one GPU per job, not the login node's CPU
 
 
-CARDS = {"24gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/24gb.yaml --config ...",
-         "16gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/16gb.yaml --config ...",
-         "8gb": "snakemake --cores all --configfile config/gpu.yaml config/cards/16gb.yaml config/cards/8gb.yaml --config ...",
-         **{f"lora-{gb}gb": f"snakemake --cores all --configfile config/gpu.yaml config/cards/lora-{gb}gb.yaml --config ..."
+CARDS = {"24gb": "snakemake --cores all --configfile config/cards/24gb.yaml --config ...",
+         "16gb": "snakemake --cores all --configfile config/cards/16gb.yaml --config ...",
+         "8gb": "snakemake --cores all --configfile config/cards/8gb.yaml --config ...",
+         **{f"lora-{gb}gb": f"snakemake --cores all --configfile config/cards/lora-{gb}gb.yaml --config ..."
             for gb in (24, 16, 12, 8)},
-         **{f"sdxl-lora-{gb}gb": "snakemake --cores all --configfile config/gpu.yaml config/sdxl.yaml "
-            f"config/cards/sdxl-lora-{gb}gb.yaml --config ..." for gb in (16, 8)}}
+         **{f"sdxl-lora-{gb}gb": f"snakemake --cores all --configfile config/cards/sdxl-lora-{gb}gb.yaml --config ..."
+            for gb in (16, 8)}}
 
 
 @runs(*CARDS.values())
-def test_card_recipes_reach_the_train_stage(tmp_path):
-    """Each card-size recipe's command as its file shows it: the settings measured under that
-    memory cap (BENCHMARKS.md "Card-size recipes") are what the train stage gets (bug caught: a
-    layer order in the comment that lets a later file undo the recipe, e.g. one-gpu.yaml's ZeRO-0
-    over the offload, or gpu.yaml's compile over a recipe measured eager)."""
+def test_card_recipes_reach_the_train_stage(tmp_path, released):
+    """Each card-size recipe's command as its file shows it, on a GPU of that card's size, for a model
+    of the family it is for: the settings measured under that memory (BENCHMARKS.md "Card-size
+    recipes") are what the train stage gets, with nothing else needed under it. Bugs caught: a
+    recipe that relied on another file being laid under it (config/gpu.yaml's ZeRO-2 and bf16), one
+    that pinned a resolution, and one-gpu.yaml's ZeRO-0 coming back over a recipe measured with ZeRO-2."""
     repo = copy_repo(tmp_path / "repo")
-    procs = dict(zip(CARDS, _dry_runs(repo, [(command, {" ...": ""}) for command in CARDS.values()])))
+    card_mib = {"24gb": 24564, "16gb": 12288, "8gb": 8192, "lora-24gb": 24564, "lora-16gb": 16380, "lora-12gb": 12288,
+                "lora-8gb": 8192, "sdxl-lora-16gb": 16380, "sdxl-lora-8gb": 8192}
+    cases = [(command, {"...": f"model__pretrained={released['sdxl' if card.startswith('sdxl') else 'sd1']}"},
+              [fake_gpus(tmp_path / card, 1, card_mib[card])]) for card, command in CARDS.items()]
+    procs = dict(zip(CARDS, _dry_runs(repo, cases)))
     # micro-batch, accumulation, ZeRO stage, precision, optimizer offload, EMA offload, mode, LoRA rank,
-    # gradient checkpointing, resolution
+    # gradient checkpointing, resolution, learning rate
     two_64x64 = ["down_blocks.0", "up_blocks.3"]
-    want = {"24gb": (16, 4, 2, "bf16", "none", "cpu", "full", 8, two_64x64, 512),
-            "16gb": (8, 16, 2, "bf16", "cpu", "cpu", "full", 8, False, 512),
-            "8gb": (4, 32, 2, "bf16", "cpu", "cpu", "full", 8, False, 512)}
-    want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, False, 512) for gb, mb in ((24, 32), (16, 16))}
-    want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, two_64x64, 512)
+    want = {"24gb": (16, 4, 2, "bf16", "none", "cpu", "full", 8, two_64x64, 512, 1e-5),
+            "16gb": (8, 16, 2, "bf16", "cpu", "cpu", "full", 8, False, 512, 1e-5),
+            "8gb": (4, 32, 2, "bf16", "cpu", "cpu", "full", 8, False, 512, 1e-5)}
+    want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, False, 512, 1e-4)
+             for gb, mb in ((24, 32), (16, 16))}
+    want |= {f"lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, two_64x64, 512, 1e-4)
              for gb, mb in ((12, 16), (8, 12))}
-    want |= {f"sdxl-lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, True, 1024) for gb, mb in ((16, 8), (8, 2))}
+    want |= {f"sdxl-lora-{gb}gb": (mb, 1, 2, "bf16", "none", "none", "lora", 32, True, 1024, 1e-4)
+             for gb, mb in ((16, 8), (8, 2))}
     compiled = {"24gb", "lora-24gb", "lora-12gb", "lora-8gb"}  # measured compiled (BENCHMARKS.md); the others eager
     for card, proc in procs.items():
         cfg = stage_configs(proc)["train"]
         t = cfg["train"]
         got = (t["micro_batch"], t["grad_accum"], t["zero_stage"], t["precision"], t["offload_optimizer"],
-               cfg["ema"]["offload"], t["mode"], t["lora"]["rank"], t["gradient_checkpointing"], cfg["cache"]["resolution"])
-        # as measured (BENCHMARKS.md): gpu.yaml's compile must not come back over an eager recipe
+               cfg["ema"]["offload"], t["mode"], t["lora"]["rank"], t["gradient_checkpointing"], cfg["cache"]["resolution"],
+               t["lr"])
         assert got == want[card] and t["compile"] == (card in compiled) and t["memory_cap_gb"] is None, (card, got)
         # 24gb.yaml ran out of memory without them (BENCHMARKS.md); no other recipe was measured with them
         assert t["expandable_segments"] == (card == "24gb"), card
+        assert cfg["recipe"]["name"] == card and stage_configs(proc)["sample"]["recipe"]["card_gb"] == cfg["recipe"]["card_gb"]
 
 
 SMALL_DATA_YOURS = ("snakemake --cores all --configfile config/small-data.yaml --config model__pretrained=/models/sd15 "
                     "data__source=imagefolder:/data/rex data__caption=\"a photo of sks dog\" "
                     "data__prior__source=imagefolder:/data/dogs data__prior__caption=\"a photo of a dog\" "
                     "sample__prompts='[\"a photo of sks dog on a beach\"]' run=rex")
+OWN_DATA = ("snakemake --cores all --config model__pretrained=/models/sd15 data__source=imagefolder:/data/my_pets "
+            "sample__prompts='[\"a photo of rex the dog on a beach\"]'")
+SINGLE_FILE = ("snakemake --cores all --config model__pretrained=/models/v1-5-pruned-emaonly.safetensors "
+               "data__source=imagefolder:/data/pets")
+SDXL_BUCKETS = ("snakemake --cores all --config model__pretrained=/models/sdxl-base data__source=imagefolder:/data/pets "
+                "cache__buckets=auto cache__bucket_step=64")
+SMALL_CARD = ("snakemake --cores all --config train__micro_batch=1 train__offload_optimizer=cpu "
+              "train__gradient_checkpointing=true ema__offload=cpu ...")
 
 
-@runs("snakemake --cores all --config data__source=imagefolder:/data/my_pets run=pets "
-      "sample__prompts='[\"a photo of rex the dog on a beach\"]'",
-      "snakemake --cores all --config model__pretrained=/models/stable-diffusion-v1-5 data__source=imagefolder:/data/my_pets "
-      "cache__resolution=512 run=pets-sd15 train__micro_batch=4 train__lr=1e-5 train__steps=2000 train__precision=bf16 "
-      "train__zero_stage=2",
-      "snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/stable-diffusion-v1-5 "
-      "data__source=imagefolder:/data/pets run=pets",
-      "snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/sd15 "
-      "data__source=imagefolder:/data/pets run=pets",
-      "snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config ...",
-      "snakemake --cores all --configfile config/gpu.yaml --config train__micro_batch=1 train__offload_optimizer=cpu "
-      "train__gradient_checkpointing=true ema__offload=cpu ...", SMALL_DATA_YOURS)
-def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, sd15):
+@runs(OWN_DATA, SMALL_DATA_YOURS, SINGLE_FILE, SDXL_BUCKETS, SMALL_CARD, "snakemake --cores all --config ...")
+def test_your_own_data_model_and_gpu_settings_reach_the_stages(tmp_path, pets, released):
     repo = copy_repo(tmp_path / "repo")
-    data, model = {"/data/my_pets": str(pets)}, {"/models/stable-diffusion-v1-5": str(sd15)}
     dogs = tmp_path / "dogs"
     shutil.copytree(pets, dogs)
-    own, sd, gpu, gpu_sd15, one_gpu, small, subject = _dry_runs(repo, [
-        ("snakemake --cores all --config data__source=imagefolder:/data/my_pets run=pets "
-         "sample__prompts='[\"a photo of rex the dog on a beach\"]'", data),
-        ("snakemake --cores all --config model__pretrained=/models/stable-diffusion-v1-5 "
-         "data__source=imagefolder:/data/my_pets cache__resolution=512 run=pets-sd15 train__micro_batch=4 train__lr=1e-5 "
-         "train__steps=2000 train__precision=bf16 train__zero_stage=2", data | model),
-        ("snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/stable-diffusion-v1-5 "
-         "data__source=imagefolder:/data/pets run=pets", {"/data/pets": str(pets)} | model),
-        ("snakemake --cores all --configfile config/gpu.yaml --config model__pretrained=/models/sd15 "
-         "data__source=imagefolder:/data/pets run=pets", {"/data/pets": str(pets), "/models/sd15": str(sd15)}),
-        ("snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config ...", {" ...": ""}),
-        ("snakemake --cores all --configfile config/gpu.yaml --config train__micro_batch=1 train__offload_optimizer=cpu "
-         "train__gradient_checkpointing=true ema__offload=cpu ...", {" ...": ""}),
-        (SMALL_DATA_YOURS, {"/models/sd15": str(sd15), "/data/rex": str(pets), "/data/dogs": str(dogs)}),
-    ])
-    cfg = stage_configs(own)
-    assert cfg["prepare"]["data"]["source"] == f"imagefolder:{pets}" and cfg["sample"]["run"] == "pets"
+    from test_auto import write_safetensors_header
+
+    single = tmp_path / "v1-5-pruned-emaonly.safetensors"  # its header: what the dry-run reads of it
+    write_safetensors_header(single, {"model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+                                      "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)})
+    sd15, sdxl = str(released["sd1"]), str(released["sdxl"])
+    gpu = [fake_gpus(tmp_path / "h100", 1, 81559)]
+    cases = {"own": (OWN_DATA, {"/models/sd15": sd15, "/data/my_pets": str(pets)}, gpu),
+             "subject": (SMALL_DATA_YOURS, {"/models/sd15": sd15, "/data/rex": str(pets), "/data/dogs": str(dogs)}, gpu),
+             "single": (SINGLE_FILE, {"/models/v1-5-pruned-emaonly.safetensors": str(single), "/data/pets": str(pets)}, gpu),
+             "buckets": (SDXL_BUCKETS, {"/models/sdxl-base": sdxl, "/data/pets": str(pets)}, gpu),
+             "small": (SMALL_CARD, {" ...": f" model__pretrained={sd15}"}, gpu),
+             "offline": ("snakemake --cores all --config ...", {"...": f"model__pretrained={sd15}"}, gpu)}
+    procs = dict(zip(cases, _dry_runs(repo, list(cases.values()))))
+
+    cfg = stage_configs(procs["own"])
+    assert cfg["prepare"]["data"]["source"] == f"imagefolder:{pets}" and cfg["sample"]["run"] == f"{pets.name}-sd15"
     assert cfg["sample"]["sample"]["prompts"] == ["a photo of rex the dog on a beach"]
-    assert "fetch_model" in jobs(own) and cfg["fetch_model"]["model"]["pretrained"] == "builtin:tiny"
+    assert (cfg["train"]["train"]["lr"], cfg["cache"]["cache"]["resolution"]) == (1e-5, 512)
 
-    cfg = stage_configs(sd)
-    train = cfg["train"]["train"]
-    assert cfg["fetch_model"]["model"]["pretrained"] == str(sd15) and cfg["cache"]["cache"]["resolution"] == 512
-    assert (train["micro_batch"], train["lr"], train["steps"], train["precision"], train["zero_stage"]) == \
-        (4, 1e-5, 2000, "bf16", 2)
-    assert "--run-dir results/runs/pets-sd15" in " ".join(shell_commands(sd, "train"))
-    assert "--data" not in " ".join(shell_commands(sd, "fetch_model"))  # a local folder: linked, not built
-
-    for proc in (gpu, gpu_sd15):
-        cfg = stage_configs(proc)
-        assert cfg["train"]["model"]["pretrained"] == str(sd15) and cfg["train"]["data"]["source"] == f"imagefolder:{pets}"
-        assert (cfg["train"]["train"]["precision"], cfg["train"]["train"]["zero_stage"], cfg["train"]["train"]["compile"],
-                cfg["cache"]["cache"]["resolution"]) == ("bf16", 2, True, 512)
-    train = stage_configs(one_gpu)["train"]["train"]
-    assert (train["precision"], train["zero_stage"], train["compile"]) == ("bf16-mixed", 0, True)
-    cfg = stage_configs(small)["train"]
-    assert (cfg["train"]["micro_batch"], cfg["train"]["offload_optimizer"], cfg["train"]["gradient_checkpointing"],
-            cfg["ema"]["offload"], cfg["train"]["precision"]) == (1, "cpu", True, "cpu", "bf16")
-
-    # config/small-data.yaml's command for your own subject: the captions, the prior source and the
-    # LoRA recipe reach prepare, train and sample (bug caught: the recipe file holding the demo's
-    # data or prompts, which the user's --config could not clear: Snakemake merges dicts)
-    cfg = stage_configs(subject)
+    # config/small-data.yaml's command for your own subject and class images: the captions, the prior
+    # source and the LoRA recipe reach prepare, train and sample (bug caught: the recipe file holding
+    # the demo's data or prompts, which the user's --config could not clear: Snakemake merges dicts)
+    cfg = stage_configs(procs["subject"])
     data = cfg["prepare"]["data"]
     assert (data["source"], data["caption"]) == (f"imagefolder:{pets}", "a photo of sks dog")
-    assert data["prior"] == {"source": f"imagefolder:{dogs}", "caption": "a photo of a dog", "loss_weight": 1.0,
-                             "share": 0.5}
+    assert data["prior"] | {"count": 100, "seed": 0} == {"source": f"imagefolder:{dogs}", "caption": "a photo of a dog",
+                                                         "loss_weight": 1.0, "share": 0.5, "count": 100, "seed": 0}
     train = cfg["train"]["train"]
     assert (train["mode"], train["lora"]["rank"], train["micro_batch"], train["caption_dropout"], train["lr"],
-            train["steps"]) == ("lora", 8, 8, 0.0, 1e-4, 800)
+            train["steps"]) == ("lora", 8, 8, 0.0, 1e-4, "auto")
     assert cfg["sample"]["sample"]["prompts"] == ["a photo of sks dog on a beach"]
-    assert "--run-dir results/runs/rex" in " ".join(shell_commands(subject, "train"))
-    assert f"results/data/{pets.name}+prior-dogs" in subject.stdout
+    assert "--run-dir results/runs/rex" in " ".join(shell_commands(procs["subject"], "train"))
+    assert f"results/data/{pets.name}+prior-dogs" in procs["subject"].stdout and "prior_images" not in jobs(procs["subject"])
 
+    # a single-file checkpoint: its family and resolution read from its keys before anything runs
+    cfg = stage_configs(procs["single"])
+    assert (cfg["cache"]["cache"]["resolution"], cfg["train"]["train"]["lr"], cfg["train"]["run"]) == \
+        (512, 1e-5, f"{pets.name}-v1-5-pruned-emaonly")
+    assert "fetch_model" in jobs(procs["single"])
 
-SDXL_COMMAND = ("snakemake --cores all --configfile config/gpu.yaml config/sdxl.yaml --config "
-                "model__pretrained=/models/sdxl-base data__source=imagefolder:/data/pets run=pets-sdxl")
+    cfg = stage_configs(procs["buckets"])
+    assert (cfg["cache"]["cache"]["resolution"], cfg["cache"]["cache"]["buckets"], cfg["cache"]["cache"]["bucket_step"],
+            cfg["train"]["train"]["micro_batch"], cfg["train"]["train"]["gradient_checkpointing"],
+            cfg["train"]["train"]["lr"]) == (1024, "auto", 64, 8, True, 1e-6)
 
-
-@runs(SDXL_COMMAND)
-def test_sdxl_config_reaches_the_stages(tmp_path, pets):
-    """config/sdxl.yaml's own command: its buckets, resolution and memory settings reach cache,
-    train and sample over gpu.yaml's (bug caught: a layer order that lets gpu.yaml's 512 px win)."""
-    repo = copy_repo(tmp_path / "repo")
-    model = tmp_path / "sdxl-base"
-    model.mkdir()
-    (proc,) = _dry_runs(repo, [(SDXL_COMMAND, {"/data/pets": str(pets), "/models/sdxl-base": str(model)})])
-    cfg = stage_configs(proc)
-    cache = cfg["cache"]["cache"]
-    assert (cache["resolution"], cache["buckets"], cache["bucket_step"], cache["batch_size"]) == (1024, "auto", 64, 8)
-    train = cfg["train"]["train"]
-    assert (train["micro_batch"], train["gradient_checkpointing"], train["compile"], train["zero_stage"],
-            train["precision"]) == (8, True, False, 2, "bf16")
-    assert cfg["sample"]["sample"]["resolution"] == ["1024x1024", "1152x896", "896x1152"]
-    assert "--run-dir results/runs/pets-sdxl" in " ".join(shell_commands(proc, "train"))
+    t = stage_configs(procs["small"])["train"]["train"]
+    assert (t["micro_batch"], t["offload_optimizer"], t["gradient_checkpointing"], t["precision"], t["zero_stage"]) == \
+        (1, "cpu", True, "bf16", 2)  # the optimizer offloaded: ZeRO-2 and bf16, as measured
+    assert stage_configs(procs["small"])["train"]["ema"]["offload"] == "cpu"
+    t = stage_configs(procs["offline"])["train"]["train"]
+    assert (t["precision"], t["zero_stage"], t["compile"], t["micro_batch"]) == ("bf16-mixed", 0, True, 64)
 
 
 @pytest.mark.parametrize("typed, key", [
@@ -674,3 +676,42 @@ def test_activation_figures_the_readme_quotes(tmp_path):
     # reach the partitioner: every budget would keep the same)
     assert {b: (round(s["saved_mib"]), round(s["recompute_gflops"])) for b, s in out["compiled_budgets"].items()} == {
         "1.0": (741, 0), "0.5": (366, 151)}
+
+
+def test_each_bad_input_stops_the_dry_run_naming_it_and_the_fix(tmp_path):
+    """Bugs caught: a missing model or data folder, a folder that is not a model (or a folder of
+    checkpoints), a mistyped relative path tried as a Hub download, uncaptioned photos, a missing
+    prior folder and an unknown builtin each dry-ran with 9 jobs and failed minutes later inside a
+    stage. Each is now one line from `snakemake -n`, and nothing is written."""
+    from PIL import Image
+
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "models").mkdir()  # a user's models/ folder beside the workflow: models/sd15 is then local
+    not_a_model = tmp_path / "downloads"
+    not_a_model.mkdir()
+    (not_a_model / "sd15-pruned.safetensors").write_bytes(b"")
+    (not_a_model / "notes.txt").write_text("x")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    uncaptioned = tmp_path / "rex"
+    uncaptioned.mkdir()
+    Image.new("RGB", (8, 8)).save(uncaptioned / "rex.jpg")
+    cases = {
+        f"model__pretrained={tmp_path}/nope": "model.pretrained: " + f"{tmp_path}/nope does not exist",
+        "model__pretrained=models/sd15": "models/sd15 does not exist (a local path",
+        f"model__pretrained={not_a_model}": f"no model_index.json (it holds notes.txt, sd15-pruned.safetensors); for a "
+                                            f"single-file checkpoint name the file: model__pretrained={not_a_model}/sd15-pruned.safetensors",
+        "model__pretrained=builtin:sd3": "unknown builtin model 'builtin:sd3'; available: builtin:tiny",
+        f"data__source=imagefolder:{tmp_path}/photos": f"data.source: image folder {tmp_path}/photos does not exist",
+        f"data__source=imagefolder:{empty}": f"data.source: image folder {empty} holds no images",
+        f"data__source=imagefolder:{uncaptioned}": "have no captions: add metadata.jsonl",
+        f"data__prior__source=imagefolder:{tmp_path}/dogs": f"data.prior.source: image folder {tmp_path}/dogs does not exist",
+        "data__source=builtin:cats": "data.source: unknown builtin data set 'cats'",
+        "data__prior__source=generate": "data.prior.source generate samples the prior images from data.prior.caption",
+    }
+    procs = _dry_runs(repo, [(f"snakemake -n --config {typed}", {}) for typed in cases], check=False)
+    for (typed, message), proc in zip(cases.items(), procs):
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and message in out, (typed, out[-1500:])
+        assert "Job stats" not in out, typed  # stopped when the workflow was read, before the DAG
+    assert not (repo / "results").exists() and not (repo / "resources").exists()

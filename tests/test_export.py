@@ -207,7 +207,8 @@ def test_kohya_lora_keeps_its_alpha_and_loads_like_the_peft_file(built, lora_run
     out = snakemake_export(built, lora_run, tmp_path, *LORA_RUN, "export.dtype=fp32")
     report = json.loads((out / "export.json").read_text())
     lora_file = out / "digits-tiny_lora.safetensors"
-    assert report["files"]["digits-tiny_lora.safetensors"]["alpha"] == 8 and "digits-tiny.safetensors" in report["files"]
+    # the LoRA file and (ema.fuse_lora) the fused checkpoint, named after the run (auto: digits-tiny-lora)
+    assert report["files"]["digits-tiny_lora.safetensors"]["alpha"] == 8 and "digits-tiny-lora.safetensors" in report["files"]
     with safe_open(str(lora_file), "pt") as f:
         keys = list(f.keys())
         alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}

@@ -189,7 +189,7 @@ def test_sdxl_runs_merge_into_folders_diffusers_loads(xl_built, xl_runs, tmp_pat
     np.testing.assert_allclose(generate(staged), fused, atol=2e-3)
 
     # The single file (sgm layout) read back by diffusers' own SDXL single-file loader.
-    file = xl_runs["full"] / "export" / "digits-tiny.safetensors"
+    (file,) = (xl_runs["full"] / "export").glob("*.safetensors")  # <run>.safetensors
     single = StableDiffusionXLPipeline.from_single_file(str(file), config=str(xl_built["model"]),
                                                         torch_dtype=torch.float32)
     merged = StableDiffusionXLPipeline.from_pretrained(xl_runs["full"] / "model")
@@ -199,7 +199,7 @@ def test_sdxl_runs_merge_into_folders_diffusers_loads(xl_built, xl_runs, tmp_pat
         for key, value in ours.items():
             torch.testing.assert_close(theirs[key].float(), value.float(), atol=1e-3, rtol=1e-3)  # fp16 file
     kohya = json.loads((xl_runs["lora"] / "export" / "export.json").read_text())["files"]
-    assert kohya["digits-tiny_lora.safetensors"]["architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert kohya["digits-tiny-xl_lora.safetensors"]["architecture"] == "stable-diffusion-xl-v1-base/lora"  # run auto
 
 
 def test_tiny_sd2_trains_merges_and_samples(small, tmp_path):

@@ -101,3 +101,52 @@ def test_hub_download_takes_one_weights_set_per_listed_component():
     }
     index["safety_checker"] = index["feature_extractor"] = [None, None]
     assert not any(f.startswith(("safety_checker/", "feature_extractor/")) for f in hub_files_to_fetch(files, index))
+
+
+@pytest.mark.e2e  # 2 GB of checkpoint, 4 GB of converted folder: make test-e2e
+def test_a_single_file_sd15_checkpoint_of_the_real_shapes_converts_offline(tmp_path):
+    """What an A1111/Civitai user has: one .safetensors in the original (CompVis ldm) layout, SD 1.5's
+    shapes, no diffusers folder and no internet. fetch_model, as the rule runs it, converts it with
+    diffusers' from_single_file and the project's SD 1.5 configs and tokenizer (workflow/single_file.py):
+    every weight lands where it belongs (spot-checked in each component), and the tokenizer gives
+    CLIP's ids. Bugs caught: a config that does not match the released shapes (from_single_file
+    refuses or leaves weights at their initial values), a tokenizer vocabulary in the wrong order, a
+    conversion that reaches for the Hub (HF_HUB_OFFLINE makes that an error)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from workflow.families import FAMILIES, family_of
+    from workflow.models import load_tokenizer
+    from workflow.original_layout import UNET_PREFIX, VAE_PREFIX, clip_to_original, convert, unet_rows, vae_rows
+    from workflow.single_file import write_family_config
+
+    released = write_family_config(tmp_path / "released", FAMILIES["sd1"], 512, "epsilon")
+    with torch.device("meta"):  # the released shapes, through the export's key tables
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(released / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(released / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(released / "text_encoder"))
+    shapes = convert(unet.state_dict(), unet_rows(dict(unet.config)), UNET_PREFIX, "unet")
+    shapes |= convert(vae.state_dict(), vae_rows(dict(vae.config)), VAE_PREFIX, "vae")
+    shapes |= clip_to_original(text.state_dict(), FAMILIES["sd1"].text_encoders[0].prefix)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: (torch.randn(v.shape, generator=gen) * 0.02).half() for k, v in shapes.items()}
+    checkpoint = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    save_file(tensors, checkpoint)
+    assert sum(t.numel() for t in tensors.values()) > 1.0e9  # SD 1.5's UNet + VAE + CLIP-L
+
+    cfg = tiny_config(f"model.pretrained={checkpoint}")
+    run_stage("fetch_model", cfg, "--out", str(tmp_path / "model"), timeout=1200)
+    model = tmp_path / "model"
+    assert family_of(model).name == "sd1" and json.loads((model / "fetch.json").read_text())["configs"].startswith(
+        "the project's sd1 configs")
+    got_unet, got_vae = load_unet(model), load_vae(model)
+    got_text = load_text_encoder(model)
+    for ours, key in ((got_unet.conv_in.weight, "model.diffusion_model.input_blocks.0.0.weight"),
+                      (got_unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2.to_k.weight,
+                       "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"),
+                      (got_vae.decoder.conv_out.weight, "first_stage_model.decoder.conv_out.weight"),
+                      (got_text.text_model.embeddings.token_embedding.weight,
+                       "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")):
+        torch.testing.assert_close(ours, tensors[key].float())
+    assert load_tokenizer(model)("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

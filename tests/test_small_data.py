@@ -91,3 +91,49 @@ def test_three_images_with_prior_train_on_two_ranks_and_resume_bitwise(small, tm
 
     kill_at = random.Random("small").randint(3, 5)  # after the step-2 checkpoint is complete
     check_killed_run_resumes_bitwise(small, straight, tmp_path / "killed", overrides, kill_at, small["latents"])
+
+
+def test_generated_prior_images_come_from_the_base_model_and_feed_the_cache(built, tmp_path):
+    """data.prior.source generate (DreamBooth's class images): the prior_images stage samples
+    data.prior.count images of data.prior.caption from the base model, each from its own seed (the
+    same seed gives the same image: the folder is reusable), written as a prepared data set that the
+    cache stage encodes into prior/. Bugs caught: images of the wrong caption or count, a
+    non-reproducible set (a rerun would recache), and the cache ignoring --prior."""
+    from PIL import Image
+
+    from conftest import run_stage
+    from workflow.shards import iter_shard
+
+    overrides = ["data.prior.source=generate", "data.prior.caption=a handwritten digit 7", "data.prior.count=3",
+                 "data.prior.seed=5", "sample.steps=4"]
+    cfg = tiny_config(*overrides)
+    assert cfg.prepared_name == "digits" and cfg.dataset_name.startswith("digits+prior-generated-")
+    run_stage("prior_images", cfg, "--model", str(built["model"]), "--out", str(tmp_path / "prior"))
+    manifest = json.loads((tmp_path / "prior" / "manifest.json").read_text())
+    assert (manifest["count"], manifest["source"], manifest["generated"]["caption"]) == (3, "generate",
+                                                                                         "a handwritten digit 7")
+    samples = [s for shard in manifest["shards"] for s in iter_shard(tmp_path / "prior" / shard["name"])]
+    assert [json.loads(s["json"]) for s in samples] == [{"captions": ["a handwritten digit 7"], "seed": 5 + i}
+                                                        for i in range(3)]
+    import io
+
+    images = [np.asarray(Image.open(io.BytesIO(s["png"]))) for s in samples]
+    assert images[0].shape == (32, 32, 3) and not np.array_equal(images[0], images[1])  # one seed each
+    again = tiny_config(*overrides[:3], "data.prior.count=1", "data.prior.seed=5", "sample.steps=4")
+    run_stage("prior_images", again, "--model", str(built["model"]), "--out", str(tmp_path / "one"))
+    (first,) = [s for shard in json.loads((tmp_path / "one" / "manifest.json").read_text())["shards"]
+                for s in iter_shard(tmp_path / "one" / shard["name"])]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(first["png"]))), images[0])  # seed 5 again
+
+    # the cache stage encodes them beside the data set (a shard of the digits is enough here)
+    sevens = tmp_path / "sevens"
+    from conftest import write_digits
+
+    write_digits(sevens, [7, 7], captions=False)
+    data_cfg = tiny_config(*overrides, f"data.source=imagefolder:{sevens}", "data.caption=a photo of sks")
+    run_stage("prepare", data_cfg, "--out", str(tmp_path / "data"))
+    run_stage("cache", data_cfg, "--data", str(tmp_path / "data"), "--model", str(built["model"]), "--out",
+              str(tmp_path / "latents"), "--prior", str(tmp_path / "prior"))
+    latents = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert latents["count"] == 2 and latents["prior"]["count"] == 3
+    assert json.loads((tmp_path / "latents" / "prior" / "manifest.json").read_text())["count"] == 3

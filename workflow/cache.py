@@ -37,6 +37,7 @@ import torch
 from .cli import run, stage_main
 from .config import Config
 from .fsutil import read_json, sha256_file, sha256_json, sha256_tree, write_json
+from .auto import resolve_here
 from .buckets import nearest_bucket, resolve_buckets, size_name
 from .families import down_sampling, family_of, native_resolution
 from .imaging import decode_image, image_size, resize_crop_at
@@ -289,11 +290,13 @@ def cache_procs(cfg: Config) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else cfg.cache.procs
 
 
-def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path, prior_dir: Path | None = None) -> dict[str, Any]:
+    """The data set's latents into `out_dir`, and the prior images' (prepared with it, data_dir/prior,
+    or generated, `prior_dir`) into out_dir/prior."""
     from tqdm import tqdm
 
     started = time.time()
-    cfg = cfg.at_model_resolution(model_dir)
+    cfg = resolve_here(cfg.at_model_resolution(model_dir), model_dir)
     data_manifest = read_json(data_dir / "manifest.json", "data manifest")
     sizes = bucket_sizes(cfg, model_dir)
     fingerprint = cache_fingerprint(cfg, model_dir, data_dir)
@@ -302,8 +305,10 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
     for leftover in out_dir.glob("*.tmp-*"):  # half-written by a killed run: never reused
         leftover.unlink()
     prior = None
-    if "prior" in data_manifest:  # data.prior: cached the same way into prior/, before this manifest
-        prior = cache(cfg, data_dir / "prior", model_dir, out_dir / "prior")
+    if prior_dir is None and "prior" in data_manifest:
+        prior_dir = data_dir / "prior"
+    if prior_dir is not None:  # data.prior: cached the same way into prior/, before this manifest
+        prior = cache(cfg, prior_dir, model_dir, out_dir / "prior")
     done = {s["name"]: finished_shard(out_dir, s["name"], fingerprint["all"]) for s in data_manifest["shards"]}
     todo = [s for s in data_manifest["shards"] if done[s["name"]] is None]
     procs = max(1, min(cache_procs(cfg), len(todo)))
@@ -364,8 +369,9 @@ def cache(cfg: Config, data_dir: Path, model_dir: Path, out_dir: Path) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, cfg = stage_main("cache", __doc__, argv, {"data": "prepared data folder", "model": "model folder", "out": "output folder"})
-    cache(cfg, Path(args.data), Path(args.model), Path(args.out))
+    args, cfg = stage_main("cache", __doc__, argv, {"data": "prepared data folder", "model": "model folder", "out": "output folder"},
+                           {"prior": "generated prior images (data.prior.source generate): their prepared folder"})
+    cache(cfg, Path(args.data), Path(args.model), Path(args.out), Path(args.prior) if args.prior else None)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from .config import Config, ConfigError, load_config
+from .config import AUTO, Config, ConfigError, load_config
 
 # Errors that are the user's input, not a bug: print one line naming the problem, no traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, ValueError)
@@ -29,6 +29,8 @@ def stage_main(
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=help_text)
     args = parser.parse_args(argv)
     cfg = exit_on_user_error(lambda: load_config(args.config, args.set))
+    if cfg.run == AUTO:  # the rest of `auto` needs the hardware or the model: the stages resolve it
+        cfg = cfg.model_copy(update={"run": cfg.auto_run_name})
     return args, cfg
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .buckets import parse_size
+from .fsutil import sha256_json
 from .families import declared_resolution, native_resolution
 
 DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
@@ -26,19 +27,39 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the key."""
 
 
+# A value chosen for the model, data or hardware at hand (workflow/auto.py), shown by `snakemake -n -p`.
+Auto = Literal["auto"]
+AUTO = "auto"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class PriorConfig(Section):
     source: str | None = Field(
-        None, description="class/prior images (DreamBooth's prior preservation), any data.source form; null: none")
-    caption: str | None = Field(None, description="data.caption for the prior images (e.g. 'a photo of a dog')")
+        None, description="class/prior images (DreamBooth's prior preservation): any data.source form, or generate "
+        "(sampled from the base model from `caption`, as DreamBooth does); null: none")
+    caption: str | None = Field(None, description="data.caption for the prior images (e.g. 'a photo of a dog'); with "
+                                "source generate, the prompt they are sampled from")
+    count: int = Field(100, ge=1, description="source generate: how many images (DreamBooth's num_class_images)")
+    seed: int = Field(0, description="source generate: image i is sampled with seed + i")
     loss_weight: float = Field(1.0, ge=0.0, description="the prior samples' per-sample losses are multiplied by it")
     share: float = Field(0.5, gt=0.0, lt=1.0, description="of every micro-batch: round(share x train.micro_batch) "
                          "prior samples (at least 1, at most micro_batch - 1), the rest the data set's")
 
-    _known_scheme = field_validator("source")(lambda v: known_scheme(v))
+    _known_scheme = field_validator("source")(lambda v: v if v == "generate" else known_scheme(v))
+
+    @model_validator(mode="after")
+    def _generate_needs_a_caption(self) -> "PriorConfig":
+        if self.source == "generate" and not self.caption:
+            raise ValueError("data.prior.source generate samples the prior images from data.prior.caption: set it to "
+                             "the class, e.g. data__prior__caption=\"a photo of a dog\"")
+        return self
+
+    @property
+    def generated(self) -> bool:
+        return self.source == "generate"
 
     def per_micro_batch(self, micro_batch: int) -> int:
         return min(micro_batch - 1, max(1, round(self.share * micro_batch)))
@@ -81,7 +102,12 @@ class TinyModelConfig(Section):
 
 class ModelConfig(Section):
     pretrained: str = Field("builtin:tiny", description="builtin:tiny | builtin:tiny-sd2 | builtin:tiny-xl | "
-                            "builtin:sd15-arch | builtin:sdxl-arch | local diffusers folder (SD 1.x, 2.x or SDXL) | Hub id")
+                            "builtin:sd15-arch | builtin:sdxl-arch | local diffusers folder (SD 1.x, 2.x or SDXL) | "
+                            "single-file checkpoint (.safetensors, .ckpt) | Hub id")
+    config_from: str | None = Field(
+        None, description="single-file checkpoints: a diffusers folder of the same family whose component configs and "
+        "tokenizers describe the checkpoint (e.g. a local stable-diffusion-v1-5); null: the project's configs for the "
+        "family the checkpoint's keys show (workflow/single_file.py), tokenizers from open_clip_torch's CLIP vocabulary")
     name: str | None = Field(None, description="model name used in paths; derived from pretrained (and vae)")
     vae: str | None = Field(None, description="a VAE folder (diffusers AutoencoderKL: config.json + weights) used "
                             "instead of the model's, e.g. an fp16-fix VAE for SDXL")
@@ -115,7 +141,8 @@ class CacheConfig(Section):
                 raise ValueError(f"{v} lists a size twice")
         return v
     procs: int = Field(1, ge=1, description="caching processes on a machine without GPUs; with GPUs: one per GPU")
-    batch_size: int = Field(64, ge=1, description="images per VAE forward")
+    batch_size: Annotated[int, Field(ge=1)] | Auto = Field(
+        "auto", description="images per VAE forward; auto: the family's (workflow/families.py)")
 
 
 # Top-level keys DeepSpeed reads. A key outside this list would be ignored without a word.
@@ -147,7 +174,7 @@ def deepspeed_problems(raw: dict[str, Any], zero_stage: int, precision: str) -> 
             # initial_scale_power, loss_scale_window, hysteresis, min_loss_scale)
             if "enabled" in raw[key]:
                 problems.append(f"train.deepspeed.{key}.enabled: set train.precision instead")
-            elif precision != key:
+            elif precision != key and not (precision == AUTO and key == "bf16"):  # auto: maybe bf16, never fp16
                 problems.append(f"train.deepspeed.{key}: has no effect unless train.precision is {key} "
                                 f"(it is {precision})")
         elif key in OWNED_KEYS:
@@ -161,6 +188,10 @@ def deepspeed_problems(raw: dict[str, Any], zero_stage: int, precision: str) -> 
     for key in zero:
         if key in OWNED_ZERO_KEYS:
             problems.append(f"train.deepspeed.zero_optimization.{key}: set {OWNED_ZERO_KEYS[key]} instead")
+        elif zero_stage == AUTO:
+            if key.startswith("stage3_"):
+                problems.append(f"train.deepspeed.zero_optimization.{key}: only used by ZeRO stage 3 (train.zero_stage "
+                                f"is auto: 0 or 2)")
         elif zero_stage == 0:
             problems.append(f"train.deepspeed.zero_optimization.{key}: has no effect with train.zero_stage 0")
         elif key.startswith("stage3_") and zero_stage != 3:
@@ -197,17 +228,29 @@ class WandbConfig(Section):
 class TrainConfig(Section):
     mode: Literal["full", "lora"] = Field("full", description="full: every UNet weight; lora: peft adapters only")
     lora: LoraConfig = LoraConfig()
-    steps: int = Field(300, ge=1, description="optimizer steps")
-    micro_batch: int = Field(32, ge=1, description="samples per rank per micro-step")
+    steps: Annotated[int, Field(ge=1)] | Auto = Field(
+        "auto", description="optimizer steps; auto: from train.epochs and the data set's size (the train stage counts "
+        "it), or for the tiny builtins the demo's 19,200 samples")
+    epochs: Annotated[float, Field(gt=0)] | Auto = Field(
+        "auto", description="with train.steps auto: passes over the data set; auto: 100 (DreamBooth's ~100 steps per "
+        "image), at most 100,000 samples in all")
+    micro_batch: Annotated[int, Field(ge=1)] | Auto = Field(
+        "auto", description="samples per rank per micro-step; auto: the family's for one 80 GB GPU at this resolution "
+        "(a card recipe sets its own), 32 for the tiny builtins")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
-    lr: float = Field(2e-3, gt=0)
+    lr: Annotated[float, Field(gt=0)] | Auto = Field(
+        "auto", description="AdamW learning rate after warm-up; auto: the family's rate for full or LoRA training")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after warm-up; linear/cosine decay to 0")
-    warmup_steps: int = Field(50, ge=0, description="linear LR warm-up, in optimizer steps")
+    warmup_steps: Annotated[int, Field(ge=0)] | Auto = Field(
+        "auto", description="linear LR warm-up, in optimizer steps; auto: a tenth of the steps, at most 100 (50 for the "
+        "tiny builtins)")
     weight_decay: float = Field(1e-2, ge=0)
-    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = Field(
-        "fp32", description="bf16: bf16 weights, fp32 masters in the optimizer; bf16-mixed: fp32 weights, the "
-                            "forward under bf16 autocast; fp16: fp16 weights, dynamic loss scaling")
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16", "auto"] = Field(
+        "auto", description="bf16: bf16 weights, fp32 masters in the optimizer; bf16-mixed: fp32 weights, the "
+                            "forward under bf16 autocast; fp16: fp16 weights, dynamic loss scaling; auto: fp32 on the "
+                            "CPU, bf16-mixed on one GPU (ZeRO-0), bf16 under ZeRO >= 1")
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = Field(
+        "auto", description="DeepSpeed ZeRO stage; auto: 0 on one rank, 2 on several or with the optimizer offloaded")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="cpu: optimizer states + step on the CPU (ZeRO >= 1)")
     offload_params: Literal["none", "cpu"] = Field("none", description="cpu: parameters on the CPU between uses (ZeRO 3)")
     offload_optimizer_ratio: float = Field(
@@ -215,10 +258,11 @@ class TrainConfig(Section):
         "(and their step) kept on the CPU, the rest updated on the GPU (DeepSpeed's partial offload, "
         "offload_optimizer.ratio); 1: all on the CPU")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config keys, merged last")
-    gradient_checkpointing: bool | list[str] = Field(
-        False, description="recompute activations in backward instead of keeping them (less memory, more compute): "
+    gradient_checkpointing: bool | list[str] | Auto = Field(
+        "auto", description="recompute activations in backward instead of keeping them (less memory, more compute): "
         "true: every UNet block; a list of blocks, e.g. [down_blocks.0, up_blocks.3] (the high-resolution ones, "
-        "which hold most activations): only those; the blocks are down_blocks.N, mid_block, up_blocks.N")
+        "which hold most activations): only those; the blocks are down_blocks.N, mid_block, up_blocks.N; auto: "
+        "the family's (SDXL: true)")
 
     @field_validator("gradient_checkpointing")
     @classmethod
@@ -240,8 +284,10 @@ class TrainConfig(Section):
         False, description="PyTorch's caching allocator grows its segments instead of reserving fixed blocks "
         "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): under a card's memory, free memory left in pieces "
         "between blocks can still serve a large request (config/cards/24gb.yaml needs it). GPU only")
-    compile: bool = Field(False, description="torch.compile the UNet (GPU only: torch's CPU Inductor gives part of "
-                          "the UNet zero gradients, bench/compile_grads.py; the first steps compile, minutes)")
+    compile: bool | Auto = Field(
+        "auto", description="torch.compile the UNet (GPU only: torch's CPU Inductor gives part of the UNet zero "
+        "gradients, bench/compile_grads.py; the first steps compile, minutes); auto: on a GPU for the families measured "
+        "faster compiled with matching gradients (SD 1.x/2.x), else off")
     activation_memory_budget: float | None = Field(
         None, gt=0, le=1, description="with train.compile: how much of the activations the compiled UNet keeps for "
         "backward, between 0 (recompute all it can) and 1 (keep what is fastest), through torch's "
@@ -286,18 +332,28 @@ class TrainConfig(Section):
     wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainConfig":
+        if self.steps != AUTO and self.epochs != AUTO:
+            raise ValueError(f"train.steps ({self.steps}) and train.epochs ({self.epochs}) are both set: set one, the "
+                             "other auto")
+        return self
+
+    @model_validator(mode="after")
     def _deepspeed_would_ignore(self) -> "TrainConfig":
-        # DeepSpeed accepts these combinations and silently does nothing; say so instead.
+        # DeepSpeed accepts these combinations and silently does nothing; say so instead. A value still
+        # `auto` is checked where the answer does not depend on it (auto picks ZeRO 0 or 2, never 3,
+        # and never fp16), the rest once it is resolved (workflow/auto.py validates the result again).
+        zero = "auto (0 or 2)" if self.zero_stage == AUTO else self.zero_stage
         if self.offload_params == "cpu" and self.zero_stage != 3:
-            raise ValueError(f"train.offload_params: cpu needs train.zero_stage 3 (got {self.zero_stage})")
+            raise ValueError(f"train.offload_params: cpu needs train.zero_stage 3 (got {zero})")
         if self.offload_optimizer == "cpu" and self.zero_stage == 0:
             raise ValueError("train.offload_optimizer: cpu needs train.zero_stage 1, 2 or 3 (got 0)")
         if self.offload_optimizer_ratio < 1 and (self.offload_optimizer != "cpu" or self.zero_stage != 3):
             # DeepSpeed reads the ratio in ZeRO-3 only: elsewhere the whole optimizer would stay offloaded
             raise ValueError(f"train.offload_optimizer_ratio: {self.offload_optimizer_ratio} needs "
                              f"train.offload_optimizer: cpu and train.zero_stage 3 (got {self.offload_optimizer}, "
-                             f"{self.zero_stage})")
-        if self.activation_memory_budget is not None and not self.compile:
+                             f"{zero})")
+        if self.activation_memory_budget is not None and self.compile is False:
             # torch reads the budget only when it partitions a compiled graph: eager it would do nothing
             raise ValueError(f"train.activation_memory_budget: {self.activation_memory_budget} needs train.compile: "
                              "true (it sets what the compiled graph recomputes)")
@@ -342,7 +398,9 @@ SCHEDULERS = ("ddim", "dpm++", "euler", "pndm")
 
 
 class SampleConfig(Section):
-    prompts: list[str] = Field(default_factory=lambda: list(DIGIT_PROMPTS), min_length=1)
+    prompts: Annotated[list[str], Field(min_length=1)] | Auto = Field(
+        "auto", description="one grid row each; auto: the ten digits for the digits data sets, else the captions of "
+        "held-out images (up to 8; of training images when none is held out), each beside its image")
     seeds: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1)
     negative_prompt: str = Field("", description="what guidance steers away from; empty: the unconditional caption")
     steps: int = Field(25, ge=1, description="denoising steps")
@@ -365,7 +423,9 @@ class SampleConfig(Section):
         """The (width, height) sizes to sample at."""
         values = self.resolution if isinstance(self.resolution, list) else [self.resolution or default]
         return [parse_size(v) for v in values]
-    batch_size: int = Field(50, ge=1, description="images per pipeline call")
+    batch_size: Annotated[int, Field(ge=1)] | Auto = Field(
+        "auto", description="images per pipeline call; auto: what fits the card (recipe.card_gb, else the GPU's "
+        "memory) by the family's measured sampling memory, 50 on the CPU")
     compare_base: bool = Field(False, description="also sample the base model, shown beside the fine-tuned one")
     checkpoints: list[int | Literal["last"]] = Field(default_factory=list, description="training steps to sample "
                                                      "as a checkpoint x prompt grid, e.g. [500, 1000, last]")
@@ -377,6 +437,8 @@ class SampleConfig(Section):
 
     @model_validator(mode="after")
     def _prompt_digits_are_prompts(self) -> "SampleConfig":
+        if self.prompts == AUTO:
+            return self
         unknown = [p for p in self.prompt_digits if p not in self.prompts]
         if unknown:
             raise ValueError(f"sample.prompt_digits names {unknown}, which sample.prompts does not list")
@@ -409,8 +471,22 @@ class SlurmConfig(Section):
                                 "saves and exits 75; 0: no signal")
 
 
+class RecipeConfig(Section):
+    """What a card recipe (config/cards/*.yaml) was measured for. Set by the recipe file: its settings are
+    measured together, so a later config file may not change them (an error names both files), and a
+    model or resolution it was not measured for is refused."""
+
+    name: str | None = Field(None, description="the recipe, e.g. 24gb; null: none (the defaults are for one 80 GB GPU)")
+    card_gb: float | None = Field(None, gt=0, description="the card memory (GB) it fits; null: 80")
+    families: list[str] = Field(default_factory=list, description="the model families it was measured for; empty: any")
+    max_resolution: int | None = Field(None, ge=8, description="the largest cache.resolution it was measured at")
+
+
+DEFAULT_CARD_GB = 80  # what the auto settings without a card recipe were measured on (H100 80GB, H200)
+
+
 class Config(Section):
-    run: str = Field("digits-tiny", description="run name: results/runs/<run>/")
+    run: str = Field("auto", description="run name: results/runs/<run>/; auto: <data>-<model>, -lora for LoRA")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
@@ -419,11 +495,12 @@ class Config(Section):
     sample: SampleConfig = SampleConfig()
     export: ExportConfig = ExportConfig()
     slurm: SlurmConfig = SlurmConfig()
+    recipe: RecipeConfig = RecipeConfig()
 
     @field_validator("run")
     @classmethod
     def _safe_run_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+        if v != AUTO and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError(f"run name {v!r} must be letters, digits, '.', '_' or '-'")
         return v
 
@@ -431,8 +508,11 @@ class Config(Section):
     @model_validator(mode="after")
     def _sampled_checkpoints_exist(self) -> "Config":
         t = self.train
-        bad = [s for s in self.sample.checkpoints
-               if s != "last" and (s > t.steps or (s % t.checkpoint_every and s != t.steps))]
+        if t.steps == AUTO:  # the train stage counts the steps: only the cadence can be checked here
+            bad = [s for s in self.sample.checkpoints if s != "last" and s % t.checkpoint_every]
+        else:
+            bad = [s for s in self.sample.checkpoints
+                   if s != "last" and (s > t.steps or (s % t.checkpoint_every and s != t.steps))]
         if bad:
             raise ValueError(f"sample.checkpoints: {bad} are not checkpoint steps (multiples of "
                              f"train.checkpoint_every {t.checkpoint_every} up to train.steps {t.steps}, or 'last')")
@@ -441,7 +521,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _prior_fits(self) -> "Config":
         if self.data.prior.source:
-            if self.train.micro_batch < 2:
+            if self.train.micro_batch != AUTO and self.train.micro_batch < 2:
                 raise ValueError("data.prior needs train.micro_batch >= 2: every micro-batch mixes data set and prior "
                                  "samples")
             if self.cache.buckets:
@@ -450,11 +530,43 @@ class Config(Section):
         return self
 
     @property
+    def data_name(self) -> str:
+        """The data set's own name: data.name, or the source's."""
+        return self.data.name or slug(self.data.source)
+
+    @property
+    def prepared_name(self) -> str:
+        """results/data/<this>: the data set, with the prior source's name when prepare makes the prior
+        images too (the folder holds both). Generated prior images have their own folder (prior_dir)."""
+        prior = self.data.prior
+        return f"{self.data_name}+prior-{slug(prior.source)}" if prior.source and not prior.generated else self.data_name
+
+    @property
     def dataset_name(self) -> str:
-        """results/data/<this>: the source's name, with the prior source's when there is one (the
-        prepared folder holds both)."""
-        name = self.data.name or slug(self.data.source)
-        return f"{name}+prior-{slug(self.data.prior.source)}" if self.data.prior.source else name
+        """What the latent cache is made of, as a folder name: the prepared data, and the generated prior
+        images' key when there are some."""
+        if self.data.prior.generated:
+            return f"{self.data_name}+prior-generated-{sha256_json(self.prior_settings())[:8]}"
+        return self.prepared_name
+
+    def prior_settings(self) -> dict[str, Any]:
+        """What generated prior images depend on, besides the model (their folder is per model)."""
+        p, s = self.data.prior, self.sample
+        return {"caption": p.caption, "count": p.count, "seed": p.seed, "resolution": self.cache.resolution,
+                "steps": s.steps, "guidance_scale": s.guidance_scale, "scheduler": s.scheduler,
+                "negative_prompt": s.negative_prompt}
+
+    @property
+    def prior_dir_name(self) -> str:
+        """results/prior/<model_name>/<this>: generated prior images, named by their caption and count."""
+        p = self.data.prior
+        return f"{slug(p.caption or 'prior')[:40]}-n{p.count}-s{p.seed}-{sha256_json(self.prior_settings())[:8]}"
+
+    @property
+    def auto_run_name(self) -> str:
+        """run: auto -> <data>-<model>, with -lora for a LoRA run: a real run never lands in the demo's folder."""
+        model = self.model.name or re.sub(r"\.(safetensors|ckpt)$", "", slug(self.model.pretrained))
+        return f"{self.data_name}-{model}" + ("-lora" if self.train.mode == "lora" else "")
 
     @property
     def model_name(self) -> str:
@@ -504,11 +616,13 @@ def slug(source: str) -> str:
 STAGE_KEYS: dict[str, list[str]] = {
     "prepare": ["data"],
     "fetch_model": ["data", "model"],
+    "prior_images": ["data.prior", "model", "cache.resolution", "sample.steps", "sample.guidance_scale",
+                     "sample.scheduler", "sample.negative_prompt", "sample.batch_size", "train.memory_cap_gb"],
     "cache": ["data", "model", "cache", "train.seed"],
     "train": ["run", "data", "model", "cache", "train", "ema.decay", "ema.warmup", "ema.offload", "ema.posthoc",
-              "sample.checkpoints"],  # kept from pruning
+              "sample.checkpoints", "recipe"],  # kept from pruning
     "ema": ["run", "data", "model", "cache", "train", "ema"],
-    "sample": ["run", "data", "model", "cache", "train", "ema", "sample"],
+    "sample": ["run", "data", "model", "cache", "train", "ema", "sample", "recipe"],
     "export": ["run", "data", "model", "cache", "train", "ema", "export"],
 }
 
@@ -525,6 +639,8 @@ def stage_config(cfg: Config, stage: str) -> dict[str, Any]:
         dst[leaf] = src[leaf]
     if stage == "cache" and cfg.cache.center_crop:
         del out["train"]  # the seed only places random crops: a new seed alone must not recache
+    if stage in ("prepare", "fetch_model") and cfg.data.prior.generated:
+        out["data"]["prior"] = PriorConfig().model_dump(mode="json")  # generated by prior_images, not prepared
     return out
 
 
@@ -590,45 +706,220 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 # Keys earlier versions took: a config that still sets one is told why it went.
 REMOVED_KEYS = {"train.channels_last": "removed (measured slower on an H200, and DeepSpeed's ZeRO-0 weight broadcast "
                                        "fails on channels-last weights); delete the key"}
+# Names other trainers (diffusers' examples, kohya's sd-scripts) give these settings.
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "train.lr", "lr_scheduler": "train.lr_schedule", "lr_warmup_steps": "train.warmup_steps",
+    "max_train_steps": "train.steps", "num_train_epochs": "train.epochs", "max_train_epochs": "train.epochs",
+    "train_batch_size": "train.micro_batch", "batch_size": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum", "mixed_precision": "train.precision",
+    "resolution": "cache.resolution", "rank": "train.lora.rank", "lora_rank": "train.lora.rank",
+    "network_dim": "train.lora.rank", "network_alpha": "train.lora.alpha", "lora_alpha": "train.lora.alpha",
+    "pretrained_model_name_or_path": "model.pretrained", "dataset_name": "data.source", "train_data_dir": "data.source",
+    "instance_data_dir": "data.source", "instance_prompt": "data.caption", "class_prompt": "data.prior.caption",
+    "class_data_dir": "data.prior.source", "num_class_images": "data.prior.count",
+    "prior_loss_weight": "data.prior.loss_weight", "validation_prompt": "sample.prompts", "seed": "train.seed",
+    "use_ema": "ema.use", "ema_decay": "ema.decay", "center_crop": "cache.center_crop",
+    "random_flip": "cache.random_flip", "gradient_checkpointing": "train.gradient_checkpointing",
+    "max_grad_norm": "train.max_grad_norm", "checkpointing_steps": "train.checkpoint_every",
+    "snr_gamma": "train.snr_gamma", "noise_offset": "train.noise_offset", "output_dir": "run",
+}
+
+
+def all_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (sections and leaves)."""
+    model = model or Config
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += all_keys(field.annotation, f"{key}.")
+    return keys
+
+
+def did_you_mean(key: str) -> str:
+    """' (did you mean train.lr?)' for an unknown key: another trainer's name for it, or a close spelling."""
+    import difflib
+
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in OTHER_TOOLS_NAMES:
+        return f"; did you mean {OTHER_TOOLS_NAMES[leaf]}?"
+    keys = all_keys()
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in keys if k.startswith(section) and k.count(".") == key.count(".")]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
+        leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.75)
+    if not close:
+        return ""
+    guess = close[0] if "." in close[0] or not section else next(k for k in keys if k.rsplit(".", 1)[-1] == close[0])
+    return f"; did you mean {guess if '.' in guess or not section else section + guess}?"
+
+
+def _field_path(loc: tuple) -> tuple[str, ...]:
+    """The config key an error is about: `loc` up to the leaf field, without the union-member tags and
+    list indices pydantic appends (('train', 'steps', 'int') -> ('train', 'steps'))."""
+    path: list[str] = []
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None:
+            break
+        if part not in model.model_fields:
+            path.append(str(part))  # an unknown key, named as written
+            break
+        path.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return tuple(path)
+
+
+def _source_of(key: tuple[str, ...], layers: list[tuple[str, dict]]) -> str | None:
+    """The last layer (file, or --config) that sets `key`."""
+    for origin, layer in reversed(layers):
+        node: Any = layer
+        for part in key:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return origin
+    return None
+
+
+def _list_hint(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        flat = key.replace(".", "__")
+        return f"; a list on the command line is written {flat}='[\"{value}\"]' (YAML: [{value}])"
+    return ""
+
+
+def describe_errors(e: ValidationError, layers: list[tuple[str, dict]]) -> list[str]:
+    """One line per bad key: what was expected, what was given, where it came from, a suggestion."""
+    grouped: dict[tuple[str, ...], dict] = {}
+    lines = []
+    for err in e.errors():
+        if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+            # A check across several keys of a section: its message names the keys.
+            lines += [f"  {problem}" for problem in str(err["ctx"]["error"]).split("\n")]
+            continue
+        path = _field_path(err["loc"])
+        entry = grouped.setdefault(path, {"msgs": [], "input": err.get("input"), "types": set()})
+        entry["types"].add(err["type"])
+        msg = err["msg"]
+        if msg not in entry["msgs"]:
+            entry["msgs"].append(msg)
+    for path, entry in grouped.items():
+        key = ".".join(path) or "<root>"
+        source = _source_of(path, layers)
+        where = f" [{source}]" if source and len(layers) > 1 else ""
+        if "extra_forbidden" in entry["types"]:
+            msg = REMOVED_KEYS.get(key) or "unknown key" + did_you_mean(key)
+        else:
+            msgs = entry["msgs"]
+            if len(msgs) > 1:  # a union: 'auto' or a number, ...
+                msg = "expected " + " or ".join(m.removeprefix("Input should be ").removeprefix("Value error, ")
+                                                 for m in msgs)
+            else:
+                msg = msgs[0]
+            if "list_type" in entry["types"]:
+                msg += _list_hint(key, entry["input"])
+        got = "" if entry["types"] == {"missing"} else f" (got {entry['input']!r})"
+        lines.append(f"  {key}: {msg}{got}{where}")
+    return lines
+
+
+def validate_layers(layers: list[tuple[str, dict[str, Any]]]) -> Config:
+    """Config layers (origin, raw dict) laid over each other in order, later ones winning key by key;
+    errors name the key and, with several layers, the layer that set it."""
+    nested = [(origin, nest_dotted(raw or {})) for origin, raw in layers]
+    check_recipe_layers(nested)
+    merged: dict[str, Any] = {}
+    for _, layer in nested:
+        merged = deep_merge(merged, layer)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as e:
+        origin = " + ".join(o for o, _ in layers) or "config"
+        raise ConfigError(f"invalid config ({origin}):\n" + "\n".join(describe_errors(e, nested))) from None
+
+
+def check_recipe_layers(layers: list[tuple[str, dict[str, Any]]]) -> None:
+    """A card recipe's settings were measured together: two recipes in one run, or a later config file
+    changing one of its keys, would run something nobody measured. (`--config` may: that is the user
+    asking for it by name.)"""
+    recipe_layers = [(i, origin, layer) for i, (origin, layer) in enumerate(layers)
+                     if isinstance(layer.get("recipe"), dict) and layer["recipe"].get("name")]
+    if len(recipe_layers) > 1:
+        names = ", ".join(f"{origin} ({layer['recipe']['name']})" for _, origin, layer in recipe_layers)
+        raise ConfigError(f"two card recipes in one run: {names}; each is complete for its card, use one")
+    for i, origin, layer in recipe_layers:
+        keys = set(_leaf_keys(layer)) - {k for k in _leaf_keys(layer) if k.startswith("recipe.")}
+        for later_origin, later in layers[i + 1:]:
+            if later_origin.startswith("--"):
+                continue
+            changed = sorted(k for k in _leaf_keys(later) if k in keys and _get(later, k) != _get(layer, k))
+            if changed:
+                raise ConfigError(f"{later_origin} changes {', '.join(changed)} of the card recipe {origin}, whose "
+                                  f"settings were measured together: list {origin} last, or set the key with --config")
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        out += _leaf_keys(v, f"{key}.") if isinstance(v, dict) and v else [key]
+    return out
+
+
+def _get(node: dict, key: str) -> Any:
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def validate(raw: dict[str, Any], origin: str = "config") -> Config:
+    return validate_layers([(origin, raw)])
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config file; a missing file or a YAML error names the file (and the line)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + removed_file_hint(path))
     try:
-        return Config.model_validate(nest_dotted(raw or {}))
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            if err["type"] == "value_error" and isinstance(err.get("input"), dict):
-                # A check across several keys of a section: its message names the keys.
-                lines += [f"  {problem}" for problem in str(err["ctx"]["error"]).split("\n")]
-                continue
-            got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-            msg = REMOVED_KEYS.get(key, "unknown key") if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {key}: {msg}{got}")
-        raise ConfigError(f"invalid {origin}:\n" + "\n".join(lines)) from None
+        layer = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return layer
+
+
+# Config files earlier versions shipped: a command that still names one is told what replaced it.
+REMOVED_FILES = {
+    "gpu.yaml": "GPU settings are chosen for the model and GPUs now (train.precision, zero_stage, micro_batch, "
+                "compile, lr: auto; docs/gpus.md): drop the file, or use a card recipe from config/cards/",
+    "one-gpu.yaml": "one GPU gets ZeRO-0 with bf16 autocast by itself now (train.zero_stage, train.precision: auto): "
+                    "drop the file",
+    "sdxl.yaml": "an SDXL model gets its settings by itself now (resolution, micro-batch, gradient checkpointing: "
+                 "auto): drop the file; cache__buckets=auto for aspect-ratio buckets",
+}
+
+
+def removed_file_hint(path: Path) -> str:
+    hint = REMOVED_FILES.get(path.name) if path.parent.name == "config" else None
+    return f": {path.name} was removed; {hint}" if hint else ""
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config from a YAML file or an inline JSON object, then apply `key=value` overrides."""
     if source is not None and str(source).lstrip().startswith("{"):
-        return _with_overrides(json.loads(str(source)), overrides, "config")
+        return validate_layers([("--config", json.loads(str(source))), ("--set", parse_overrides(overrides or []))])
     return load_config_files([] if source is None else [Path(source)], overrides)
 
 
 def load_config_files(paths: list[Path], overrides: list[str] | None = None) -> Config:
     """YAML config files laid over each other in order (sections merge key by key, later files win,
     as with Snakemake's `--configfile a b`), then `key=value` overrides."""
-    raw: dict[str, Any] = {}
-    for path in paths:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        layer = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(layer, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        raw = deep_merge(raw, nest_dotted(layer))
-    return _with_overrides(raw, overrides, " + ".join(map(str, paths)) or "config")
-
-
-def _with_overrides(raw: dict[str, Any], overrides: list[str] | None, origin: str) -> Config:
-    return validate(deep_merge(nest_dotted(raw), nest_dotted(parse_overrides(overrides or []))), origin)
+    layers = [(str(path), read_config_file(path)) for path in paths]
+    return validate_layers(layers + [("--set", parse_overrides(overrides or []))])

@@ -118,8 +118,9 @@ def kohya_lora_state_dict(lora_file: Path, family: Family, unet_config: dict) ->
 
 
 def metadata(cfg: Config, family: Family, info: dict, dataset_count: int, prediction_type: str, lora: tuple | None) -> dict:
-    """ModelSpec keys (Stability's metadata standard) and kohya's `ss_*` training keys, all strings."""
-    t = cfg.train
+    """ModelSpec keys (Stability's metadata standard) and kohya's `ss_*` training keys, all strings; the
+    training's own settings from train.json (what `auto` resolved to there)."""
+    t = cfg.train.model_copy(update={k: info[k] for k in ("lr", "warmup_steps", "precision", "zero_stage") if k in info})
     v = prediction_type == "v_prediction"
     architecture = family.modelspec
     if family.name == "sd2":
@@ -193,7 +194,7 @@ def export(cfg: Config, model_dir: Path, base_dir: Path, run_dir: Path, data_dir
                 report["skipped"]["checkpoint"] = "a LoRA merge without ema.fuse_lora has no full model to export"
         if "kohya_lora" in cfg.export.formats:
             if merge["mode"] == "lora":
-                name = f"{cfg.run}_lora.safetensors"
+                name = f"{cfg.run.removesuffix('-lora')}_lora.safetensors"  # run auto ends in -lora already
                 unet_config = read_json(base_dir / "unet" / "config.json", "unet config")
                 tensors, alpha, rank = kohya_lora_state_dict(model_dir / merge["lora_file"], family, unet_config)
                 meta = metadata(cfg, family, info, count, prediction_type, (alpha, rank))

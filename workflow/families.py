@@ -30,6 +30,30 @@ class TextEncoderLayout:
     # Its projected pooled embedding is the UNet's `text_embeds`, beside the `time_ids` (original size,
     # crop top-left, target size): SDXL's second encoder (`addition_embed_type: text_time`).
     pooled: bool = False
+    # The token its tokenizer pads with: OpenAI's CLIP tokenizers pad with <|endoftext|>, OpenCLIP's
+    # with "!" (id 0), and the hidden states after the caption differ with it (single_file.py builds
+    # tokenizers for checkpoints that lack them).
+    pad_token: str = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class AutoDefaults:
+    """What the `auto` training settings resolve to for a family (workflow/auto.py), each with its source."""
+
+    lr_full: float  # full fine-tuning
+    lr_lora: float  # LoRA
+    lr_source: str
+    # Micro-batch on one 80 GB GPU at reference_resolution (measured, BENCHMARKS.md); at another
+    # resolution it scales with the pixel count (activations do).
+    micro_batch: int
+    reference_resolution: int
+    gradient_checkpointing: bool
+    compile: bool  # on a GPU: measured faster compiled, and its compiled gradients checked against eager
+    cache_batch: int  # images per VAE forward at cache time
+    # Sampling memory on a GPU (GiB, fp16 pipeline at reference_resolution, measured: bench/sample_memory.py):
+    # the pipeline's own, and each image of a batch; None where not measured (batch of 1 then).
+    sample_fixed_gib: float | None = None
+    sample_per_image_gib: float | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class Family:
     lora_version: str  # kohya's ss_base_model_version
     ldm_target: str  # the original config's model class (written into the A1111 .yaml)
     pipeline: str  # the diffusers pipeline class that loads and samples the folder
+    defaults: AutoDefaults
     # What a dropped caption becomes: "empty" (the encoded empty caption, as SD 1.x/2.x were trained)
     # or "zeros" (zero hidden states and pooled embedding: SDXL was trained with sgm's conditioner
     # zeroing dropped embeddings, and its pipeline's force_zeros_for_empty_prompt samples that way).
@@ -51,21 +76,41 @@ class Family:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
+# diffusers' examples/text_to_image: train_text_to_image.py at 1e-5 (SD full), its LoRA script at 1e-4;
+# README_sdxl.md: 1e-6 for SDXL full, 1e-4 for SDXL LoRA. Micro-batches and compile: BENCHMARKS.md
+# (SD 1.5 compiled at 64 on one H100/H200; SDXL eager at 8 with every block recomputed).
+SD_DEFAULTS = AutoDefaults(lr_full=1e-5, lr_lora=1e-4, lr_source="diffusers' text_to_image examples", micro_batch=64,
+                           reference_resolution=512, gradient_checkpointing=False, compile=True, cache_batch=32)
+SDXL_DEFAULTS = AutoDefaults(lr_full=1e-6, lr_lora=1e-4, lr_source="diffusers' text_to_image README_sdxl",
+                             micro_batch=8, reference_resolution=1024, gradient_checkpointing=True, compile=False,
+                             cache_batch=8)
+# The tiny builtins (CPU demo): the rate and micro-batch `make run` learns the digits with (README),
+# 19,200 samples (300 steps of 2 ranks x 32) unless train.steps or epochs say otherwise.
+TINY_DEFAULTS = AutoDefaults(lr_full=2e-3, lr_lora=2e-3, lr_source="the CPU demo's measured rate", micro_batch=32,
+                             reference_resolution=32, gradient_checkpointing=False, compile=False, cache_batch=64,
+                             sample_fixed_gib=None, sample_per_image_gib=None)
+TINY_SAMPLES = 19_200
+OPENCLIP_PAD = "!"
+
 FAMILIES = {
     "sd1": Family("sd1", "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion",
                   (TextEncoderLayout("text_encoder", "tokenizer", "cond_stage_model.transformer.", False),), "diffusers",
-                  "sd_v1", "ldm.models.diffusion.ddpm.LatentDiffusion", "StableDiffusionPipeline"),
+                  "sd_v1", "ldm.models.diffusion.ddpm.LatentDiffusion", "StableDiffusionPipeline", SD_DEFAULTS),
     "sd2": Family("sd2", "stable-diffusion-v2", "https://github.com/Stability-AI/stablediffusion",
-                  (TextEncoderLayout("text_encoder", "tokenizer", "cond_stage_model.model.", True),), "diffusers",
-                  "sd_v2", "ldm.models.diffusion.ddpm.LatentDiffusion", "StableDiffusionPipeline"),
+                  (TextEncoderLayout("text_encoder", "tokenizer", "cond_stage_model.model.", True,
+                                     pad_token=OPENCLIP_PAD),), "diffusers",
+                  "sd_v2", "ldm.models.diffusion.ddpm.LatentDiffusion", "StableDiffusionPipeline", SD_DEFAULTS),
     "sdxl": Family("sdxl", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models",
                    (TextEncoderLayout("text_encoder", "tokenizer", "conditioner.embedders.0.transformer.", False,
                                       "penultimate"),
                     TextEncoderLayout("text_encoder_2", "tokenizer_2", "conditioner.embedders.1.model.", True,
-                                      "penultimate", pooled=True)),
+                                      "penultimate", pooled=True, pad_token=OPENCLIP_PAD)),
                    "original", "sdxl_base_v1-0", "sgm.models.diffusion.DiffusionEngine", "StableDiffusionXLPipeline",
-                   null_caption="zeros"),
+                   SDXL_DEFAULTS, null_caption="zeros"),
 }
+# The families of the builtins, known before they are built (the Snakefile resolves `auto` from them).
+BUILTIN_FAMILIES = {"builtin:tiny": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-xl": "sdxl",
+                    "builtin:sd15-arch": "sd1", "builtin:sdxl-arch": "sdxl"}
 
 
 def component_config(model_dir: Path, component: str) -> dict:
@@ -73,17 +118,63 @@ def component_config(model_dir: Path, component: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# The pipelines each family's folder names in model_index.json.
+PIPELINES = {"StableDiffusionPipeline": ("sd1", "sd2"), "StableDiffusionXLPipeline": ("sdxl",)}
+
+
+class UnknownModel(ValueError):
+    """A folder or file no family knows; the message says what was found."""
+
+
 def family_of(model_dir: str | Path) -> Family:
-    """The family of a diffusers Stable Diffusion folder: SDXL if its UNet takes SDXL's added
-    text/time conditions (or a second text encoder is listed), SD 2.x if its text encoder is
-    OpenCLIP's (gelu activation), else SD 1.x."""
+    """The family of a diffusers folder: the pipeline model_index.json names, then SDXL if its UNet
+    takes SDXL's added text/time conditions, SD 2.x if its text encoder is OpenCLIP's (gelu), else SD
+    1.x. A pipeline no family knows (FLUX, SD3, a ControlNet folder, ...) is refused, naming it."""
     model_dir = Path(model_dir)
     index = json.loads((model_dir / "model_index.json").read_text())
+    pipeline = index.get("_class_name")
+    if pipeline not in PIPELINES and not (pipeline or "").startswith("StableDiffusion"):
+        raise UnknownModel(f"{model_dir} holds a {pipeline} (model_index.json): not a model family this workflow "
+                           f"trains ({', '.join(sorted(PIPELINES))})")
     if component_config(model_dir, "unet").get("addition_embed_type") == "text_time" or "text_encoder_2" in index:
         return FAMILIES["sdxl"]
     if component_config(model_dir, "text_encoder").get("hidden_act") == "gelu":
         return FAMILIES["sd2"]
     return FAMILIES["sd1"]
+
+
+# Keys that tell the families apart in an original-layout single file (the ones diffusers'
+# single_file_utils.infer_diffusers_model_type checks): SDXL's second text encoder, SD 2.x's
+# 1024-wide cross-attention, SD 1.x's last UNet output block.
+SINGLE_FILE_KEYS = {
+    "sdxl": "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias",
+    "sd2": "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+    "sd1": "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+}
+# Other architectures' marker keys, to name what a refused file is.
+OTHER_SINGLE_FILES = {"double_blocks.0.img_attn.qkv.weight": "FLUX.1", "model.diffusion_model.double_blocks.0.img_attn.qkv.weight": "FLUX.1",
+                      "joint_blocks.0.context_block.attn.qkv.weight": "Stable Diffusion 3",
+                      "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": "Stable Diffusion 3",
+                      "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight": "SDXL refiner",
+                      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": "a LoRA (not a model)"}
+
+
+def family_of_checkpoint(shapes: dict[str, tuple[int, ...]], where: str) -> Family:
+    """The family of an original-layout single-file checkpoint from its keys and shapes."""
+    if SINGLE_FILE_KEYS["sdxl"] in shapes:
+        return FAMILIES["sdxl"]
+    cross = shapes.get(SINGLE_FILE_KEYS["sd2"])
+    if cross is not None and cross[-1] == 1024:
+        return FAMILIES["sd2"]
+    if SINGLE_FILE_KEYS["sd1"] in shapes and cross is not None and cross[-1] == 768:
+        return FAMILIES["sd1"]
+    named = next((what for key, what in OTHER_SINGLE_FILES.items() if key in shapes), None)
+    if named is None and any(k.startswith("lora_") or ".lora_" in k for k in shapes):
+        named = "a LoRA (not a model)"
+    sample = ", ".join(sorted(shapes)[:3])
+    raise UnknownModel(f"{where}: " + (f"a {named} checkpoint, not a family this workflow trains (SD 1.x, 2.x, SDXL)"
+                                        if named else f"not an SD 1.x/2.x/SDXL checkpoint in the original layout "
+                                        f"({len(shapes)} tensors, e.g. {sample})"))
 
 
 def down_sampling(model_dir: str | Path, component: str) -> int:

@@ -8,6 +8,8 @@
   builtin:sd15-arch  Stable Diffusion 1.5's architecture with random weights (for benchmarks)
   builtin:sdxl-arch  SDXL 1.0 base's architecture with random weights (for benchmarks)
   <local folder>     a diffusers folder, used as is (linked, not copied)
+  <file>.safetensors / .ckpt  a single-file checkpoint in the original layout, converted with diffusers'
+                     from_single_file, offline (workflow/single_file.py)
   <org/name>         a Hugging Face Hub id, downloaded with huggingface_hub (needs internet)
 
     python -m workflow.fetch_model --config config.yaml --data results/data/digits --out resources/models/tiny-digits
@@ -16,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from pathlib import Path
@@ -26,11 +27,11 @@ from .config import TINY_BUILTINS, Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
 from .families import BUILTIN_RESOLUTIONS
+from .inputs import model_source
 from .models import (build_sd15_arch, build_sdxl_arch, build_tiny, check_model_dir, file_variant, is_weights, listed_components,
                      pipeline_components, preferred_variant)
 from .shards import iter_shard
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ARCH_BUILTINS = {"builtin:sd15-arch": build_sd15_arch, "builtin:sdxl-arch": build_sdxl_arch}
 
 
@@ -121,12 +122,15 @@ def fetch_model(cfg: Config, out: Path, data_dir: Path | None) -> dict:
         elif ref.startswith("builtin:"):
             raise ValueError(f"model.pretrained: unknown builtin model {ref!r}; available: "
                              f"{', '.join([*TINY_BUILTINS, *ARCH_BUILTINS])}")
-        elif Path(ref).expanduser().exists():
+        elif Path(ref).expanduser().is_dir():
             link_local(check_model_dir(Path(ref).expanduser()), tmp)
-        elif HUB_ID.match(ref):
+        elif model_source(ref).kind == "file":
+            from .single_file import convert
+
+            report |= convert(Path(ref).expanduser(), tmp, Path(cfg.model.config_from).expanduser()
+                              if cfg.model.config_from else None)
+        else:  # model_source has refused anything else
             download_hub(ref, cfg.model.revision, tmp)
-        else:
-            raise FileNotFoundError(f"model.pretrained: {ref!r} is neither a local folder nor a Hub id (org/name)")
         if cfg.model.vae:
             report["vae"] = replace_vae(tmp, Path(cfg.model.vae).expanduser())
         check_model_dir(tmp)

@@ -14,26 +14,9 @@ from typing import Any, Iterable
 import torch
 
 from .families import BUILTIN_RESOLUTIONS, FAMILIES, component_config, family_of
+from .inputs import check_model_dir  # noqa: F401 (stages import it from here)
 
-REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler")
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """A diffusers Stable Diffusion folder (with every text encoder and tokenizer its family needs),
-    or a clear error naming what is missing."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing model_index.json")
-    wanted = list(REQUIRED_SUBFOLDERS)
-    for layout in family_of(path).text_encoders:
-        wanted += [layout.folder, layout.tokenizer]
-    missing = [d + "/" for d in wanted if not (path / d).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"model folder {path} is not a diffusers pipeline: missing {', '.join(missing)}")
-    return path
 
 
 # ---------------------------------------------------------------- loading
@@ -288,6 +271,8 @@ def tiny_text_encoder(tokenizer, hidden_size: int, hidden_act: str = "quick_gelu
 
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "hidden_act": "quick_gelu"}  # SD 1.x's text encoder, SDXL's first
+OPENCLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                 "hidden_act": "gelu"}  # SDXL's second
 
 
 def sd_vae(**settings):
@@ -429,8 +414,7 @@ def build_sdxl_arch(out_dir: Path, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     tokenizer = train_clip_tokenizer(["a photo of a cat", "a painting of a dog"], max_length=77)
     text_encoder = clip_text_encoder(tokenizer, **CLIP_L)
-    text_encoder_2 = clip_text_encoder(tokenizer, projection_dim=1280, hidden_size=1280, intermediate_size=5120,
-                                       num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")
+    text_encoder_2 = clip_text_encoder(tokenizer, projection_dim=1280, **OPENCLIP_BIGG)
     res = BUILTIN_RESOLUTIONS["builtin:sdxl-arch"]
     vae = sd_vae(sample_size=res, scaling_factor=0.13025, force_upcast=True)
     unet = UNet2DConditionModel(**ARCH_UNETS["builtin:sdxl-arch"])

@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .auto import resolve_here
 from .checkpoints import checkpoint_tag
 from .cli import run, stage_main
-from .config import Config
+from .config import AUTO, DIGIT_PROMPTS, Config
 from .fsutil import atomic_dir, read_json, write_json
-from .latents import validation_samples
+from .gpu_memory import cap_gpu_memory, peak_gpu_memory
+from .latents import decode_latent_sample, read_verified_shard, validation_samples
 from .metrics import clip_score, digit_accuracy, validation_loss
 from .models import check_model_dir, latent_scaling, load_pipeline as load_family_pipeline
 
@@ -45,6 +47,8 @@ def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None
         pipe.load_lora_weights(model_dir, weight_name=LORA_FILE)
         pipe.scheduler.register_to_config(prediction_type=read_json(model_dir / "merge.json")["prediction_type"])
     pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda":
+        pipe.vae.enable_slicing()  # decode a batch one image at a time: the VAE's peak is per image, not per batch
     return pipe.to(device)
 
 
@@ -135,28 +139,104 @@ class Validator:
                                self.cfg.sample.val_timesteps, device)
 
 
+MAX_AUTO_PROMPTS = 8
+DIGIT_SOURCES = ("builtin:digits", "builtin:digits-aspect")
+
+
+def reference_samples(cfg: Config, latent_dir: Path, count: int) -> list[dict]:
+    """Cached samples whose captions can prompt: the held-out ones, else (a small data set holds none
+    out) the first training samples."""
+    held = validation_samples(latent_dir, cfg.train.val_samples)
+    if held:
+        return held
+    manifest = read_json(latent_dir / "manifest.json", "latent cache manifest")
+    out: list[dict] = []
+    for shard in manifest["shards"]:
+        out += [decode_latent_sample(raw) for raw in read_verified_shard(latent_dir, shard)[: count - len(out)]]
+        if len(out) >= count:
+            break
+    return out
+
+
+def resolve_prompts(cfg: Config, latent_dir: Path | None) -> tuple[Config, dict[int, dict]]:
+    """sample.prompts auto: the ten digits for the digits data sets; else the distinct captions of up to
+    8 reference samples (each prompt's sample kept, to show its image beside the generated ones), and
+    DreamBooth's class caption (data.prior.caption: does the class still draw the class?)."""
+    if cfg.sample.prompts != AUTO:
+        return cfg, {}
+    references: dict[int, dict] = {}
+    if cfg.data.source in DIGIT_SOURCES:
+        prompts = list(DIGIT_PROMPTS)
+    else:
+        if latent_dir is None:
+            raise ValueError("sample.prompts auto takes the captions from the latent cache: pass --latents, or set "
+                             "sample.prompts")
+        prompts = []
+        for sample in reference_samples(cfg, latent_dir, 4 * MAX_AUTO_PROMPTS):
+            caption = sample["meta"]["captions"][0]
+            if caption not in prompts and len(prompts) < MAX_AUTO_PROMPTS:
+                references[len(prompts)] = sample
+                prompts.append(caption)
+        prior = cfg.data.prior
+        if prior.source and prior.caption and prior.caption not in prompts:
+            prompts.append(prior.caption)
+    sample_cfg = cfg.sample.model_copy(update={"prompts": prompts})
+    return cfg.model_copy(update={"sample": sample_cfg}), references
+
+
+@torch.no_grad()
+def reference_image(pipe, sample: dict) -> Image.Image:
+    """A cached sample decoded by the VAE: the real image as training saw it (resized and cropped)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)  # SDXL's VAE overflows in fp16
+    dtype = torch.float32 if upcast else vae.dtype
+    mean = sample["mean"][0:1].to(vae.device, dtype)  # variant 0: the unflipped image
+    pixels = vae.to(dtype).decode(mean).sample
+    vae.to(pipe.unet.dtype if upcast else vae.dtype)
+    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def scores_digits(cfg: Config) -> bool:
+    """digit_accuracy is computed where the data are digits (or a prompt is given a digit to draw)."""
+    digits = (*DIGIT_SOURCES, "builtin:sevens")
+    return bool(cfg.sample.prompt_digits) or cfg.data.source in digits or cfg.data.prior.source in digits
+
+
 def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = None, latent_dir: Path | None = None,
            run_dir: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
-    cfg = cfg.at_model_resolution(model_dir if (model_dir / "unet").is_dir() else base_model)
+    folder = model_dir if (model_dir / "unet").is_dir() else base_model
+    cfg = resolve_here(cfg.at_model_resolution(folder), folder)
+    cfg, references = resolve_prompts(cfg, latent_dir)
     s = cfg.sample
+    if device.type == "cuda":
+        cap_gpu_memory(device, cfg.train.memory_cap_gb)  # a card recipe's memory, as in training
+        torch.cuda.reset_peak_memory_stats(device)
     pipe = load_pipeline(model_dir, device, base_model)
     set_scheduler(pipe, s.scheduler)
     sizes = s.sizes(cfg.cache.resolution)
     jobs = [(pi, seed, size) for pi in range(len(s.prompts)) for size in sizes for seed in s.seeds]
     images = generate(pipe, cfg, jobs, device)
+    peak = peak_gpu_memory(device)
     validate = Validator(cfg, latent_dir, base_model, pipe.scheduler.config.prediction_type)
     metrics = {"images": len(images), "prompts": len(s.prompts), "seeds": s.seeds, "steps": s.steps,
                "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
                "scheduler": type(pipe.scheduler).__name__, "sizes": [f"{w}x{h}" for w, h in sizes],
                "model": str(model_dir), "val_loss": validate(pipe.unet, device), "val_samples": len(validate.samples),
-               "val_timesteps": s.val_timesteps}
+               "val_timesteps": s.val_timesteps, "prompt_list": s.prompts, "batch_size": s.batch_size,
+               "peak_gpu_allocated_gb": round(peak[0] / 2**30, 2) if peak else None,
+               "peak_gpu_reserved_gb": round(peak[1] / 2**30, 2) if peak else None,
+               "memory_cap_gb": cfg.train.memory_cap_gb if device.type == "cuda" else None}
     if metrics["val_loss"] is None:
         metrics["val_loss_skipped"] = validate.skipped
     prompts = [s.prompts[pi] for pi, _, _ in jobs]
-    metrics |= digit_accuracy([images[j] for j in jobs], prompts, s.prompt_digits) or {}
-    if len(sizes) > 1:
+    if scores_digits(cfg):
+        metrics |= digit_accuracy([images[j] for j in jobs], prompts, s.prompt_digits) or {}
+    else:
+        metrics["digit_accuracy_skipped"] = f"the data ({cfg.data.source}) are not digits"
+    if len(sizes) > 1 and scores_digits(cfg):
         metrics["digit_accuracy_per_size"] = {
             f"{w}x{h}": (digit_accuracy([images[j] for j in jobs if j[2] == (w, h)],
                                         [s.prompts[j[0]] for j in jobs if j[2] == (w, h)], s.prompt_digits)
@@ -166,14 +246,21 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     row_jobs = [[j for j in jobs if j[0] == pi] for pi in range(len(s.prompts))]  # sizes x seeds, in order
     rows = [[images[j] for j in row] for row in row_jobs]
     columns = [f"seed {seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
+    if references:  # each caption's own image first, so the samples sit beside the real one
+        real = {pi: reference_image(pipe, sample) for pi, sample in references.items()}
+        blank = Image.new("RGB", rows[0][0].size, "white")
+        rows = [[real.get(pi, blank)] + row for pi, row in enumerate(rows)]
+        columns = ["real"] + columns
+        metrics["reference_images"] = len(real)
 
     base_images = {}
     if s.compare_base:
         base = load_pipeline(base_model, device)
         set_scheduler(base, s.scheduler)
         base_images = generate(base, cfg, jobs, device)
-        metrics["base"] = {"val_loss": validate(base.unet, device),
-                           **(digit_accuracy([base_images[j] for j in jobs], prompts, s.prompt_digits) or {})}
+        metrics["base"] = {"val_loss": validate(base.unet, device)}
+        if scores_digits(cfg):
+            metrics["base"] |= digit_accuracy([base_images[j] for j in jobs], prompts, s.prompt_digits) or {}
         rows = [row + [base_images[j] for j in row_job] for row, row_job in zip(rows, row_jobs)]
         columns += [f"base s{seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
         del base

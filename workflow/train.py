@@ -29,13 +29,16 @@ import torch.nn.functional as F
 from . import checkpoints
 from .cache import cache_fingerprint, fingerprint_mismatch
 from .cli import run, stage_main
-from .config import Config, TrainConfig
+from .config import Config
 from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch,
                           stop_when_parent_dies)
 from .ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
-from .latents import LatentStream, PriorPart
+from .gpu_memory import check_memory_cap, peak_gpu_memory, set_up_gpu_memory
+from .auto import Hardware, check_card, resolve_here, steps_for
+from .families import family_of
+from .latents import LatentStream, PriorPart, held_out
 from .models import (add_lora, added_conditions, checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet,
                      load_vae, set_gradient_checkpointing)
 from .profiling import StepProfiler, phase
@@ -151,10 +154,25 @@ def check_cache(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path) 
                          f"rerun the cache stage (snakemake --forcerun cache)")
 
 
+def with_steps(cfg: Config, latent_dir: Path, world_size: int) -> tuple[Config, str]:
+    """`cfg` with train.steps and warmup_steps numbers (auto: from the data set's size, workflow/auto.py),
+    and why. The checkpoints keep recording the settings as given (auto), so a resume compares those."""
+    manifest = read_json(latent_dir / "manifest.json", "latent cache manifest")
+    samples = sum(int(s["count"]) - len(h) for s, h in zip(manifest["shards"], held_out(manifest, cfg.train.val_samples)))
+    t = cfg.train
+    prior = cfg.data.prior.per_micro_batch(t.micro_batch) if cfg.data.prior.source else 0
+    steps, warmup, why = steps_for(cfg, samples, (t.micro_batch - prior) * t.grad_accum * world_size)
+    return cfg.model_copy(update={"train": t.model_copy(update={"steps": steps, "warmup_steps": warmup})}), why
+
+
 def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict[str, Any] | None:
     stop = StopRequest()  # before anything slow, so an early signal is not lost
     world = init_world()
     device = device_for(world)
+    as_given = cfg  # what checkpoints record and a resume compares (train.steps may be auto)
+    cfg, steps_why = with_steps(cfg, latent_dir, world.size)
+    if world.is_main:
+        print(f"train: {cfg.train.steps} steps ({steps_why}), {cfg.train.warmup_steps} warm-up", flush=True)
     t = cfg.train
     set_up_gpu_memory(device, t)
     dtype = PRECISION_DTYPES[t.precision]
@@ -263,7 +281,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         stopping = world.any(stop.signal is not None)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:
             save_started = time.time()
-            checkpoints.save(engine, ckpt_dir, progress, ema, cfg, world, lora)
+            checkpoints.save(engine, ckpt_dir, progress, ema, as_given, world, lora)
             saved_at, save_s = step, round(time.time() - save_started, 1)
         if stopping:
             if world.is_main:
@@ -273,11 +291,13 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
             raise SystemExit(EXIT_PREEMPTED)
     bar.close()
     profiler.close()
-    peak_gb = [round(max(column) / 2**30, 2) for column in zip(*world.gather(_peak_gpu_memory(device)))]
+    peak_gb = [round(max(column) / 2**30, 2) for column in zip(*world.gather(peak_gpu_memory(device)))]
 
-    result = {"final_step": step, "final_loss": last_loss, "fingerprint": checkpoints.training_fingerprint(cfg),
+    result = {"final_step": step, "final_loss": last_loss, "fingerprint": checkpoints.training_fingerprint(as_given),
               "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
+              "steps": t.steps, "steps_from": steps_why, "lr": t.lr, "lr_schedule": t.lr_schedule,
+              "warmup_steps": t.warmup_steps, "micro_batch": t.micro_batch, "grad_accum": t.grad_accum,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
               "corrupt_shards_skipped": {k: v for part in world.gather(stream.corrupt) for k, v in part.items()},
               "epochs": round(stream.epochs_done(position), 3),
@@ -334,51 +354,6 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def check_memory_cap(cap_gb: float | None) -> None:
-    """A cap that cannot apply is an error, not a run on the whole card (or on the CPU) that looks capped."""
-    if cap_gb is None:
-        return
-    if not torch.cuda.is_available():
-        raise ValueError(f"train.memory_cap_gb {cap_gb} needs a GPU (this machine has none); leave it null here")
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    if cap_gb > total:
-        raise ValueError(f"train.memory_cap_gb {cap_gb} is more than this GPU's {total:.1f} GiB "
-                         f"({torch.cuda.get_device_name(0)})")
-
-
-def set_up_gpu_memory(device: torch.device, t: TrainConfig) -> None:
-    """train.expandable_segments and train.memory_cap_gb for this process, before its first allocation."""
-    if device.type != "cuda":
-        return
-    if t.expandable_segments:
-        use_expandable_segments()
-    cap_gpu_memory(device, t.memory_cap_gb)
-
-
-def use_expandable_segments() -> None:
-    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for this process, before its first allocation.
-    Through torch's runtime setter (torch 2.13 moved it to torch._C), not the variable: ranks are forked
-    from a launcher that has already imported torch, where a variable set in the rank may come too late."""
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    setter("expandable_segments:True")
-
-
-def cap_gpu_memory(device: torch.device, cap_gb: float | None) -> None:
-    """This process may allocate at most `cap_gb` GiB on `device`: past it the caching allocator raises
-    out-of-memory as the smaller card would (what it counts is reserved memory, as on that card)."""
-    if cap_gb is None:
-        return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
-
-
-def _peak_gpu_memory(device: torch.device) -> tuple[int, ...]:
-    """(allocated, reserved) peak bytes of this rank's GPU; () on the CPU."""
-    if device.type != "cuda":
-        return ()
-    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
-
-
 def _mean_over_ranks(x: torch.Tensor) -> float:
     x = x.float().clone()
     torch.distributed.all_reduce(x)
@@ -409,7 +384,10 @@ def preflight(cfg: Config, latent_dir: Path, model_dir: Path, data_dir: Path, ru
                          "which would leave those weights untrained (bench/compile_grads.py shows it); set "
                          "train.compile false here")
     check_memory_cap(cfg.train.memory_cap_gb)
+    check_card(cfg, family_of(model_dir), cfg.at_model_resolution(model_dir).cache.resolution,
+               Hardware.this_process(cfg))
     check_cache(cfg, latent_dir, model_dir, data_dir)
+    with_steps(cfg, latent_dir, nprocs)  # train.steps auto: the data set must give a step
     checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing)
     check_zero_section(deepspeed_config(cfg, nprocs, run_dir))
     checkpoints.prepare_dir(cfg, run_dir / "checkpoints", nprocs)
@@ -433,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                            {"stop_with_parent": "save a checkpoint and exit 75 when the parent process (Snakemake) "
                                                 "dies"})
     run_dir = Path(args.run_dir)
+    cfg = resolve_here(cfg, Path(args.model))  # what is still auto (a stage run by hand, a Hub model)
     if args.preflight:  # before `srun` starts the ranks as tasks (several nodes): checks only
         preflight(cfg, Path(args.latents), Path(args.model), Path(args.data), run_dir, int(args.preflight))
         return

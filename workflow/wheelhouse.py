@@ -1,6 +1,7 @@
 """The pinned packages a GPU node needs beside its own CUDA PyTorch: `make wheelhouse` reads this.
 
     python -m workflow.wheelhouse            # name==version, one per line
+    python -m workflow.wheelhouse --data-only   # the packages installed without dependencies
 
 The list is the dependency closure of this project's pinned dependencies (pyproject.toml), read from
 the installed environment's metadata, so it never drifts from what `make install` resolved. Left out:
@@ -49,14 +50,23 @@ def closure(roots: list[str], skip: set[str] = frozenset()) -> dict[str, str]:
     return found
 
 
+def data_only(pyproject: Path = Path("pyproject.toml")) -> list[str]:
+    """Packages read for their data files only (pyproject's tool.deepspeed-diffusers.data-only), pinned."""
+    return tomllib.loads(pyproject.read_text())["tool"]["deepspeed-diffusers"]["data-only"]
+
+
 def node_packages(pyproject: Path = Path("pyproject.toml")) -> dict[str, str]:
     roots = [Requirement(r).name for r in tomllib.loads(pyproject.read_text())["project"]["dependencies"]]
     skip = {norm(n) for n in FROM_THE_IMAGE}
     # What PyTorch requires (sympy, networkx, triton, the CUDA libraries, ...) is in its image too.
     torch_deps = set(closure(["torch"])) - skip
-    return {n: v for n, v in closure(roots, skip | torch_deps).items()}
+    pinned = {norm(Requirement(r).name): str(Requirement(r).specifier).lstrip("=") for r in data_only(pyproject)}
+    return {n: v for n, v in closure(roots, skip | torch_deps).items()} | pinned
 
 
 if __name__ == "__main__":
-    for name, version in sorted(node_packages().items()):
-        sys.stdout.write(f"{name}=={version}\n")
+    if sys.argv[1:] == ["--data-only"]:
+        sys.stdout.write(" ".join(data_only()) + "\n")
+    else:
+        for name, version in sorted(node_packages().items()):
+            sys.stdout.write(f"{name}=={version}\n")
