@@ -4,7 +4,8 @@
 #   snakemake --profile profiles/local   the same, with the local profile's settings
 #   snakemake --profile slurm            on a Slurm cluster (profiles/slurm)
 #   snakemake --report report.html       samples, curves, metrics and config in one HTML file
-# Stages: fetch_model, prepare -> cache -> train -> ema -> sample, export -> report_files (one rules/<stage>.smk each).
+# Stages: fetch_model, prepare (and prior_images) -> cache -> train -> ema -> sample, export -> report_files
+# (one rules/<stage>.smk each). The config, `auto` settings and input checks: rules/common.smk.
 
 from snakemake.utils import min_version
 

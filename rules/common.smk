@@ -16,7 +16,10 @@ def config_layers():
     """config.yaml, each --configfile in the order given, then --config: what Snakemake merged into
     `config`, kept apart so that an error names the layer a bad value came from."""
     settings = workflow.config_settings
-    layers = [("config.yaml", read_config_file(Path("config.yaml")))]
+    # As Snakemake's `configfile:` does: config.yaml in the working directory, skipped when it is not
+    # there and --configfile names the files instead.
+    base = Path("config.yaml")
+    layers = [("config.yaml", read_config_file(base))] if base.is_file() or not settings.configfiles else []
     for path in settings.configfiles or []:
         shown = os.path.relpath(path) if Path(path).is_absolute() else str(path)
         layers.append((shown, read_config_file(Path(path))))

@@ -28,7 +28,7 @@ from conftest import run_stage
 from documented import (REPO, copy_repo, documented_commands, fake_gpus, jobs, run_documented, shell_commands,
                         stage_configs, user_env)
 
-from workflow.config import Config, load_config
+from workflow.config import load_config
 
 # command -> the test that runs it (filled in by @runs below, and by ELSEWHERE)
 RUNS: dict[str, str] = {}
@@ -437,7 +437,8 @@ def test_default_run_as_the_readme_shows(tmp_path):
 
     nothing = run_documented("snakemake -n", repo)
     assert nothing.returncode == 0 and jobs(nothing) == set(), nothing.stdout
-    steps = Config().train.steps
+    steps = json.loads((run / "train.json").read_text())["final_step"]
+    assert steps == 300  # train.steps auto: the tiny builtins' 19,200 samples at 2 ranks x 32
     changed = run_documented(f"snakemake -n --config train__steps={steps + 2}", repo)
     assert jobs(changed) == {"train", "ema", "sample", "export", "report_files", "all"}, changed.stdout
     merge_only = run_documented("snakemake -n --config ema__use=false", repo)
@@ -715,3 +716,20 @@ def test_each_bad_input_stops_the_dry_run_naming_it_and_the_fix(tmp_path):
         assert proc.returncode != 0 and message in out, (typed, out[-1500:])
         assert "Job stats" not in out, typed  # stopped when the workflow was read, before the DAG
     assert not (repo / "results").exists() and not (repo / "resources").exists()
+
+
+def test_a_failed_jobs_error_is_printed_in_the_terminal(tmp_path):
+    """Bug caught: a stage that failed printed only "check log file(s)"; the error was in the log.
+    profiles/default (the workflow profile Snakemake reads by default) shows failed logs, so the plain
+    `snakemake --cores all` shows the stage's own error line. A data error only a stage finds (an image
+    that does not decode, with data.strict) stands in for any."""
+    repo = copy_repo(tmp_path / "repo")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "broken.png").write_bytes(b"not a png")
+    (photos / "broken.txt").write_text("a photo of a broken file")
+    proc = run_documented(f"snakemake --cores all --until prepare --config data__source=imagefolder:{photos} "
+                          "data__strict=true", repo)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "error: broken.png: image does not decode" in out, out[-3000:]
+    assert not (repo / "results" / "data" / "photos" / "manifest.json").exists()

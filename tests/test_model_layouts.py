@@ -116,9 +116,9 @@ def test_a_single_file_sd15_checkpoint_of_the_real_shapes_converts_offline(tmp_p
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from workflow.families import FAMILIES, family_of
+    from workflow.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, family_of
     from workflow.models import load_tokenizer
-    from workflow.original_layout import UNET_PREFIX, VAE_PREFIX, clip_to_original, convert, unet_rows, vae_rows
+    from workflow.original_layout import clip_to_original, convert, unet_rows, vae_rows
     from workflow.single_file import write_family_config
 
     released = write_family_config(tmp_path / "released", FAMILIES["sd1"], 512, "epsilon")
@@ -146,7 +146,7 @@ def test_a_single_file_sd15_checkpoint_of_the_real_shapes_converts_offline(tmp_p
                       (got_unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2.to_k.weight,
                        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"),
                       (got_vae.decoder.conv_out.weight, "first_stage_model.decoder.conv_out.weight"),
-                      (got_text.text_model.embeddings.token_embedding.weight,
+                      (got_text.embeddings.token_embedding.weight,
                        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")):
         torch.testing.assert_close(ours, tensors[key].float())
     assert load_tokenizer(model)("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

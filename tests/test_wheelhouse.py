@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from documented import REPO, copy_repo, jobs, run_documented, stage_configs, user_env
+from documented import REPO, copy_repo, fake_gpus, jobs, run_documented, stage_configs, user_env
 
 pytestmark = pytest.mark.wheelhouse
 
@@ -78,7 +78,8 @@ def test_bare_node_runs_the_workflow_from_the_wheelhouse(tmp_path):
     assert where.stdout.split()[0] == str(site / "bin" / "snakemake"), where.stdout + where.stderr
     assert str(node) in where.stdout.split()[1]  # torch is the node's own
 
-    gpu = on_node(export, then="; snakemake --cores all --configfile config/gpu.yaml config/one-gpu.yaml --config -n -p")
+    # docs/gpus.md's node line, dry-run on a node with one GPU (an nvidia-smi that lists one)
+    gpu = on_node(export, then=f"; PATH={fake_gpus(tmp_path / 'gpu', 1, 81559)}:$PATH snakemake --cores all --config -n -p")
     assert gpu.returncode == 0 and jobs(gpu) >= {"train", "ema", "sample"}, gpu.stdout[-2000:] + gpu.stderr[-3000:]
     assert stage_configs(gpu)["train"]["train"]["precision"] == "bf16-mixed"
 
