@@ -65,7 +65,7 @@ def measure(model: Path, batches: list[int], steps: int) -> list[dict]:
 def fit(rows: list[dict], key: str) -> tuple[float, float]:
     """(fixed, per image) GiB by least squares over the batch sizes."""
     xs, ys = [r["batch"] for r in rows], [r[key] for r in rows]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     return round(my - slope * mx, 3), round(slope, 4)
 

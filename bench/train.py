@@ -48,8 +48,8 @@ from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
-from workflow.models import (added_conditions, checkpointed_blocks, latent_scaling, load_noise_scheduler,  # noqa: E402
-                             load_unet, load_vae, set_gradient_checkpointing)
+from workflow.models import (checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet, load_vae,  # noqa: E402
+                             set_gradient_checkpointing)
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
 from workflow.gpu_memory import set_up_gpu_memory  # noqa: E402
@@ -95,6 +95,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     scheduler = load_noise_scheduler(model_dir)
     alphas = scheduler.alphas_cumprod.to(device)
+    family = family_of(model_dir)
     scale, shift = latent_scaling(load_vae(model_dir))
     stream = stream.batches(0, t.micro_batch)
     # 8 micro-batches cycled (with buckets: of several sizes, as the stage draws them)
@@ -110,9 +111,9 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
         a = alphas[ts].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with phase("forward"), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            added = added_conditions(batch["pooled"][:, 0].float() if "pooled" in batch else None, batch["size"][:, 0],
-                                     torch.float32)
-            pred = unet(noisy, ts, encoder_hidden_states=batch["texts"][:, 0].float(), added_cond_kwargs=added).sample
+            pred = family.predict(unet, noisy, ts, batch["texts"][:, 0].float(),
+                                  batch["pooled"][:, 0].float() if "pooled" in batch else None, batch["size"][:, 0],
+                                  torch.float32)
         loss = F.mse_loss(pred.float(), noise)
         with phase("backward"):
             loss.backward()

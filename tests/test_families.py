@@ -116,7 +116,9 @@ def test_sdxl_caption_dropout_drops_both_embeddings_and_keeps_sizes(xl_built):
     (bug caught: pooled embeddings left in place, so the unconditional model never sees zeros)."""
     from types import SimpleNamespace
 
+    from workflow.families import FAMILIES
     from workflow.models import load_noise_scheduler
+    from workflow.objective import DDPMObjective
     from workflow.train import diffusion_loss
 
     stream = LatentStream(xl_built["latents"], seed=0)
@@ -130,9 +132,9 @@ def test_sdxl_caption_dropout_drops_both_embeddings_and_keeps_sizes(xl_built):
 
     def run(dropout: float) -> dict:
         cfg = xl_config(f"train.caption_dropout={dropout}")
-        diffusion_loss(model, load_noise_scheduler(xl_built["model"]), batch, (stream.null_text, stream.null_pooled),
-                       cfg, (1.0, 0.0), "v_prediction", torch.Generator().manual_seed(0), torch.device("cpu"),
-                       torch.float32)
+        diffusion_loss(model, DDPMObjective(load_noise_scheduler(xl_built["model"]), "v_prediction"), batch,
+                       (stream.null_text, stream.null_pooled), cfg, (1.0, 0.0), FAMILIES["sdxl"],
+                       torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
         return dict(seen)
 
     kept, dropped = run(0.0), run(1.0)

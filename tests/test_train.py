@@ -26,7 +26,7 @@ from workflow.engine import deepspeed_config, lr_factor
 from workflow.latents import LatentStream
 from workflow.models import unet_blocks
 from workflow.profiling import StepProfiler, SyncSites, busy_us, gpu_busy_spans, gpu_idle_by_phase
-from workflow.train import min_snr_weights
+from workflow.objective import min_snr_weights
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -128,10 +128,13 @@ def test_loss_options_change_what_the_model_sees_and_the_loss(built):
     min-SNR weights left out of the loss, caption dropout dropping nothing or everything)."""
     from types import SimpleNamespace
 
+    from workflow.families import FAMILIES
     from workflow.models import load_noise_scheduler
+    from workflow.objective import DDPMObjective
     from workflow.train import diffusion_loss
 
     scheduler = load_noise_scheduler(built["model"])
+    objective = DDPMObjective(scheduler, "epsilon")
     stream = LatentStream(built["latents"], seed=0)
     batch = next(stream.batches(0, micro_batch=8))
     batch.pop("position")
@@ -145,7 +148,7 @@ def test_loss_options_change_what_the_model_sees_and_the_loss(built):
     def run(*overrides: str) -> tuple[float, dict]:
         cfg = tiny_config("train.prediction_type=epsilon", "train.caption_dropout=0", *overrides)
         gen = torch.Generator().manual_seed(0)
-        loss = diffusion_loss(model, scheduler, batch, (null_text, None), cfg, (0.5, 0.0), "epsilon", gen,
+        loss = diffusion_loss(model, objective, batch, (null_text, None), cfg, (0.5, 0.0), FAMILIES["sd1"], gen,
                               torch.device("cpu"), torch.float32)
         return float(loss), dict(seen)
 

@@ -72,6 +72,14 @@ class Family:
     # zeroing dropped embeddings, and its pipeline's force_zeros_for_empty_prompt samples that way).
     null_caption: str = "empty"
 
+    def predict(self, model, noisy, timesteps, text, pooled, sizes, dtype):
+        """The denoiser's output for noised latents, as the family's pipeline calls it: the UNet takes
+        the text hidden states and, for SDXL, `added_cond_kwargs` (the pooled embedding as
+        `text_embeds`, the size conditions as `time_ids`, kept in fp32: sizes above 256 are not all
+        exact in bf16)."""
+        added = None if pooled is None else {"text_embeds": pooled.to(dtype), "time_ids": sizes.float()}
+        return model(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype), added_cond_kwargs=added).sample
+
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

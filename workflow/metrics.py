@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .models import added_conditions
 
 DIGIT_PROMPT = re.compile(r"\bhandwritten digit (\d)\b")
 
@@ -85,21 +84,20 @@ def digit_accuracy(images: list[Image.Image], prompts: list[str], prompt_digits:
 
 
 @torch.no_grad()
-def validation_loss(unet, scheduler, samples: list[dict], prediction_type: str, scaling: tuple[float, float],
-                    timesteps: int, device: torch.device, batch: int = 64) -> float | None:
-    """Mean diffusion loss over held-out samples x fixed timesteps, with fixed per-sample noise."""
+def validation_loss(model, objective, family, samples: list[dict], scaling: tuple[float, float], timesteps: int,
+                    device: torch.device, batch: int = 64) -> float | None:
+    """Mean diffusion loss (workflow/objective.py, as training computes it) over held-out samples x
+    fixed timesteps, with fixed per-sample noise."""
     if not samples:
         return None
-    total_t = scheduler.config.num_train_timesteps
-    ts = ((torch.arange(timesteps) + 0.5) * total_t / timesteps).long()
+    ts = objective.fixed_timesteps(timesteps)
     scale, shift = scaling
     by_shape: dict[tuple, list[tuple[int, int]]] = {}  # a batch holds one bucket's size
     for i in range(len(samples)):
         by_shape.setdefault(tuple(samples[i]["mean"].shape), []).extend((i, t) for t in ts.tolist())
     noise = {i: torch.randn(samples[i]["mean"].shape[1:], generator=torch.Generator().manual_seed(i))
              for i in range(len(samples))}
-    alphas = scheduler.alphas_cumprod
-    dtype = next(unet.parameters()).dtype
+    dtype = next(model.parameters()).dtype
     losses = []
     chunks = [cases[start : start + batch] for cases in by_shape.values() for start in range(0, len(cases), batch)]
     for chunk in chunks:
@@ -107,14 +105,11 @@ def validation_loss(unet, scheduler, samples: list[dict], prediction_type: str, 
         eps = torch.stack([noise[i] for i, _ in chunk])
         text = torch.stack([samples[i]["text"][0].float() for i, _ in chunk])
         pooled = torch.stack([samples[i]["pooled"][0].float() for i, _ in chunk]) if "pooled" in samples[0] else None
-        added = added_conditions(None if pooled is None else pooled.to(device),
-                                 torch.stack([samples[i]["size"][0] for i, _ in chunk]).to(device), dtype)
+        sizes = torch.stack([samples[i]["size"][0] for i, _ in chunk])
         t = torch.tensor([t for _, t in chunk])
-        noisy = scheduler.add_noise(latents, eps, t)
-        scheduler.alphas_cumprod = alphas  # add_noise may have moved it; keep it on the host
-        target = scheduler.get_velocity(latents, eps, t) if prediction_type == "v_prediction" else eps
-        pred = unet(noisy.to(device, dtype), t.to(device), encoder_hidden_states=text.to(device, dtype),
-                    added_cond_kwargs=added).sample
+        noisy, target = objective.noisy(latents, eps, t), objective.target(latents, eps, t)
+        pred = family.predict(model, noisy.to(device), t.to(device), text.to(device),
+                              None if pooled is None else pooled.to(device), sizes.to(device), dtype)
         losses.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
     return float(torch.cat(losses).mean())
 

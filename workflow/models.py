@@ -198,14 +198,6 @@ class PromptEncoder:
         return hidden[0], None if pooled is None else pooled[0]
 
 
-def added_conditions(pooled: torch.Tensor | None, sizes: torch.Tensor, dtype: torch.dtype) -> dict | None:
-    """The UNet's `added_cond_kwargs` for SDXL (pooled text embedding, time_ids from the cached
-    size conditions, kept in fp32: sizes above 256 are not all exact in bf16); None for SD 1.x/2.x."""
-    if pooled is None:
-        return None
-    return {"text_embeds": pooled.to(dtype), "time_ids": sizes.float()}
-
-
 def add_lora(unet, lora):
     """Freeze `unet` and give it peft LoRA adapters (`lora`: train.lora); they are all that trains."""
     from peft import LoraConfig

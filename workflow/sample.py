@@ -29,7 +29,9 @@ from .fsutil import atomic_dir, read_json, write_json
 from .gpu_memory import cap_gpu_memory, peak_gpu_memory
 from .latents import decode_latent_sample, read_verified_shard, validation_samples
 from .metrics import clip_score, digit_accuracy, validation_loss
+from .families import family_of
 from .models import check_model_dir, latent_scaling, load_pipeline as load_family_pipeline
+from .objective import DDPMObjective
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be seen
@@ -129,13 +131,14 @@ class Validator:
             f"no samples held out: train.val_samples={cfg.train.val_samples} for "
             f"{read_json(Path(latent_dir) / 'manifest.json')['count']} cached samples (auto holds out none below 100)")
         if self.samples:
-            self.scheduler = load_noise_scheduler(base_model)
+            self.objective = DDPMObjective(load_noise_scheduler(base_model), prediction_type)
+            self.family = family_of(base_model)
             self.scaling = latent_scaling(load_vae(base_model))
 
     def __call__(self, unet, device: torch.device) -> float | None:
         if not self.samples:
             return None
-        return validation_loss(unet, self.scheduler, self.samples, self.prediction_type, self.scaling,
+        return validation_loss(unet, self.objective, self.family, self.samples, self.scaling,
                                self.cfg.sample.val_timesteps, device)
 
 

@@ -37,10 +37,11 @@ from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
 from .gpu_memory import check_memory_cap, peak_gpu_memory, set_up_gpu_memory
 from .auto import Hardware, check_card, resolve_here, steps_for
-from .families import family_of
+from .families import Family, family_of
 from .latents import LatentStream, PriorPart, held_out
-from .models import (add_lora, added_conditions, checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet,
-                     load_vae, set_gradient_checkpointing)
+from .models import (add_lora, checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet, load_vae,
+                     set_gradient_checkpointing)
+from .objective import DDPMObjective
 from .profiling import StepProfiler, phase
 
 # The UNet's weight dtype (bf16-mixed: fp32 weights, DeepSpeed runs the forward under bf16 autocast).
@@ -68,9 +69,9 @@ def step_generator(seed: int, position: int, rank: int, device: torch.device) ->
     return g
 
 
-def diffusion_loss(engine, scheduler, batch: dict, nulls: tuple[torch.Tensor, torch.Tensor | None], cfg: Config,
-                   scaling: tuple[float, float], prediction_type: str, gen: torch.Generator, device: torch.device,
-                   dtype: torch.dtype) -> torch.Tensor:
+def diffusion_loss(engine, objective: DDPMObjective, batch: dict, nulls: tuple[torch.Tensor, torch.Tensor | None],
+                   cfg: Config, scaling: tuple[float, float], family: Family, gen: torch.Generator,
+                   device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     t = cfg.train
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     n, variants = batch["mean"].shape[:2]
@@ -78,7 +79,7 @@ def diffusion_loss(engine, scheduler, batch: dict, nulls: tuple[torch.Tensor, to
     u = torch.rand(n, 3, generator=gen, device=device)  # flip variant, caption, dropout: no host sync
     variant = (u[:, 0] * variants).long().clamp(max=variants - 1)
     mean, std = batch["mean"][rows, variant].float(), batch["std"][rows, variant].float()
-    # Latents are drawn from the cached VAE posterior every step, then put in the UNet's space.
+    # Latents are drawn from the cached VAE posterior every step, then put in the denoiser's space.
     latents = mean + std * torch.randn(mean.shape, generator=gen, device=device)
     scale, shift = scaling
     latents = (latents - shift) * scale
@@ -91,33 +92,23 @@ def diffusion_loss(engine, scheduler, batch: dict, nulls: tuple[torch.Tensor, to
     pooled = None
     if "pooled" in batch:
         pooled = torch.where(dropped[:, None], null_pooled, batch["pooled"][rows, caption].float())
-    added = added_conditions(pooled, batch["size"][rows, variant], dtype)
 
     noise = torch.randn(latents.shape, generator=gen, device=device)
     if t.noise_offset:  # per-channel offsets let the model shift overall brightness
         noise = noise + t.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen, device=device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen, device=device)
+    timesteps = objective.random_timesteps(n, gen, device)
     noised_with = noise
     if t.input_perturbation:  # the input sees perturbed noise, the target the unperturbed one
         noised_with = noise + t.input_perturbation * torch.randn(latents.shape, generator=gen, device=device)
-    noisy = scheduler.add_noise(latents, noised_with, timesteps)
-    target = scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
-    pred = engine(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype), added_cond_kwargs=added).sample
+    noisy = objective.noisy(latents, noised_with, timesteps)
+    target = objective.target(latents, noise, timesteps)
+    pred = family.predict(engine, noisy, timesteps, text, pooled, batch["size"][rows, variant], dtype)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if t.snr_gamma:
-        per_sample = per_sample * min_snr_weights(scheduler.alphas_cumprod[timesteps], t.snr_gamma, prediction_type)
+        per_sample = per_sample * objective.snr_weights(timesteps, t.snr_gamma)
     if "loss_weight" in batch:  # data.prior: the prior samples' weight
         per_sample = per_sample * batch["loss_weight"]
     return per_sample.mean()
-
-
-def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the predicted quantity."""
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    clipped = snr.clamp(max=gamma)
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))  # -> 1 as snr -> 0
 
 
 class JsonlLog:
@@ -189,8 +180,9 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     torch.manual_seed(t.seed)  # the LoRA initialisation; full mode starts from the loaded weights
     unet = trainable_unet(cfg, model_dir)
     scheduler = load_noise_scheduler(model_dir)
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     prediction_type = t.prediction_type or scheduler.config.prediction_type
+    objective = DDPMObjective(scheduler, prediction_type).to(device)
+    family = family_of(model_dir)
     scaling = latent_scaling(load_vae(model_dir))
     stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch)
     prior_stream = open_prior(cfg, latent_dir, world)
@@ -229,7 +221,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
                 position = batch.pop("position")
                 prior_position = batch.pop("prior_position", 0)
             with phase("forward"):
-                loss = diffusion_loss(engine, scheduler, batch, nulls, cfg, scaling, prediction_type, gen, device, dtype)
+                loss = diffusion_loss(engine, objective, batch, nulls, cfg, scaling, family, gen, device, dtype)
             with phase("loss_check"):
                 bad = world.any(not bool(torch.isfinite(loss)))
             if bad:
