@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activations import random_unet, unet_inputs, vae_factor  # noqa: E402
 
 from workflow.engine import compile_forward  # noqa: E402
-from workflow.models import set_gradient_checkpointing, top_block  # noqa: E402
+from workflow.families import BUILTIN_FAMILIES, FAMILIES, Family, family_of  # noqa: E402
+from workflow.models import set_gradient_checkpointing  # noqa: E402
 
 
 def gradients(unet, inputs: dict, backend: str | None) -> dict[str, torch.Tensor]:
@@ -61,7 +62,7 @@ def compare(eager: dict, compiled: dict, fp32: dict | None = None) -> dict:
     rel = relative_diffs(compiled, eager)
     worst = max(rel, key=rel.get)
     result = {"weights": len(eager), "zero_only_compiled": len(zero),
-              "zero_only_compiled_blocks": sorted({top_block(n) for n in zero}), "zero_only_compiled_first": zero[:5],
+              "zero_only_compiled_blocks": sorted({Family.top_block(n) for n in zero}), "zero_only_compiled_first": zero[:5],
               "max_rel_diff": round(rel[worst], 5), "max_rel_diff_weight": worst}
     if fp32 is not None:
         eager_off, compiled_off = relative_diffs(eager, fp32), relative_diffs(compiled, fp32)
@@ -117,7 +118,8 @@ def main() -> None:
                 if "lora_B" in name:
                     p.normal_(std=0.02)
     if args.checkpointing:
-        set_gradient_checkpointing(base, args.checkpointing.split(","))
+        family = FAMILIES[BUILTIN_FAMILIES[args.model]] if args.model in BUILTIN_FAMILIES else family_of(args.model)
+        set_gradient_checkpointing(base, args.checkpointing.split(","), family)
     vae = vae_factor(args.model)
     resolution = args.resolution or base.config.sample_size * vae
     inputs = unet_inputs(base.config, args.micro_batch, resolution, vae, dtype, device=args.device)

@@ -76,9 +76,9 @@ def lora_only_merge(model: Path, folder: Path, rank: int) -> Path:
     from peft.utils import get_peft_model_state_dict
 
     from workflow.config import LoraConfig
-    from workflow.models import add_lora, load_unet, pipeline_class
+    from workflow.models import add_lora, load_denoiser, pipeline_class
 
-    unet = add_lora(load_unet(model), LoraConfig(rank=rank))
+    unet = add_lora(load_denoiser(model), LoraConfig(rank=rank))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     folder.mkdir(parents=True, exist_ok=True)
     pipeline_class(model).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)

@@ -48,8 +48,8 @@ from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
-from workflow.models import (checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet, load_vae,  # noqa: E402
-                             set_gradient_checkpointing)
+from workflow.models import (checkpointed_blocks, latent_scaling, load_denoiser, load_noise_scheduler,  # noqa: E402
+                             load_vae, set_gradient_checkpointing)
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
 from workflow.gpu_memory import set_up_gpu_memory  # noqa: E402
@@ -86,8 +86,8 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_up_gpu_memory(device, t)
-    unet = load_unet(model_dir).to(device)
-    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
+    unet = load_denoiser(model_dir).to(device)
+    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing), family_of(model_dir))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:
         compile_forward(unet, t.compile_shapes, stream.shapes, t.activation_memory_budget)

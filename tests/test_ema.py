@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import LORA_RUN, SHARED_RUN, merge, tiny_config, train
 
-from workflow.ema import (checkpoint_unet, checksum, consolidate, gather_fragments, load_ema, load_rank_files,
+from workflow.ema import (checkpoint_denoiser, checksum, consolidate, gather_fragments, load_ema, load_rank_files,
                           reconstruct_posthoc, verify_against_engine)
-from workflow.models import load_unet
+from workflow.models import load_denoiser
 from workflow.posthoc import sigma_rel_to_gamma, solve_coefficients
 
 
@@ -28,7 +28,7 @@ def test_zero3_export_is_complete_and_equals_zero0(built, zero_runs):
         report = json.loads((zero_runs[zero] / "model" / "merge.json").read_text())
         assert report["verified_against_engine"] and report["weights"] == "ema"
     z0, z3 = merged_unet(zero_runs[0] / "model"), merged_unet(zero_runs[3] / "model")
-    base = load_unet(built["model"]).state_dict()
+    base = load_denoiser(built["model"]).state_dict()
     assert z3.keys() == base.keys()
     assert all(z3[k].shape == base[k].shape for k in base)
     # Reduce-scatter vs all-reduce sums in another order: ~1e-5 differences, except where a weight's
@@ -56,7 +56,7 @@ def test_bf16_merge_takes_the_fp32_masters(built, tmp_path):
     train(built, run_dir, *bf16)
     assert merge(built, run_dir, *bf16)["verified_against_engine"]
     raw = merged_unet(run_dir / "model" / "unet_raw")
-    base = load_unet(built["model"]).state_dict()
+    base = load_denoiser(built["model"]).state_dict()
     # Trained (not the base, whose fp32 weights are not bf16-rounded either) and not bf16-rounded
     # (not the engine's bf16 module weights): the optimizer's fp32 masters.
     changed = [k for k in base if not torch.equal(raw[k], base[k])]
@@ -102,18 +102,18 @@ def test_lora_file_reloads_and_changes_the_output(built, lora_run):
     assert (image(pipe) - before).abs().max() > 1e-3
 
     # The fused model, the base model with the LoRA file loaded and the sample stage's
-    # per-checkpoint UNet (checkpoint_unet) predict the same noise (a lost alpha, scale 2, would
+    # per-checkpoint UNet (checkpoint_denoiser) predict the same noise (a lost alpha, scale 2, would
     # halve the adapters' share: a difference of half the adapters' effect, > 5e-3). Compared on one
     # UNet call: through a sampling loop with guidance 7.5, float rounding of fused vs separate
     # adapters grows with the trained weights. On one call that rounding reached 1.6e-4 for some
     # inputs (fp32, lr 5e-2 adapters), hence 1e-3, on inputs of their own seed.
-    from_checkpoint = checkpoint_unet(tiny_config(*LORA_RUN), built["model"], lora_run / "checkpoints", "step00000008")
-    fused_unet = load_unet(model)
+    from_checkpoint = checkpoint_denoiser(tiny_config(*LORA_RUN), built["model"], lora_run / "checkpoints", "step00000008")
+    fused_unet = load_denoiser(model)
     gen = torch.Generator().manual_seed(0)
     x, t, text = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 16, 64, generator=gen)
     with torch.no_grad():
         fused = fused_unet(x, t, text).sample
-        effect = (fused - load_unet(built["model"])(x, t, text).sample).abs().max()
+        effect = (fused - load_denoiser(built["model"])(x, t, text).sample).abs().max()
         torch.testing.assert_close(pipe.unet(x, t, text).sample, fused, atol=1e-3, rtol=0)
         torch.testing.assert_close(from_checkpoint(x, t, text).sample, fused, atol=1e-3, rtol=0)
     assert effect > 1e-2
@@ -169,7 +169,7 @@ def test_ema_is_updated_once_per_optimizer_step(built, tmp_path, offload):
                  f"ema.offload={offload}"]
     train(built, run_dir, *overrides)
     ckpt = run_dir / "checkpoints"
-    expected = {k: v.float().reshape(-1) for k, v in load_unet(built["model"]).state_dict().items()}
+    expected = {k: v.float().reshape(-1) for k, v in load_denoiser(built["model"]).state_dict().items()}
     for step in (1, 2, 3):
         raw, _ = consolidate(ckpt, f"step{step:08d}")
         expected = {k: 0.5 * expected[k] + 0.5 * raw[k].reshape(-1) for k in expected}

@@ -16,7 +16,7 @@ import torch
 from conftest import run_stage, tiny_config
 from sd15_layout import sd15_layout
 
-from workflow.models import load_text_encoder, load_unet, load_vae, pipeline_variant, weights_variant
+from workflow.models import load_text_encoder, load_denoiser, load_vae, pipeline_variant, weights_variant
 
 
 @pytest.mark.e2e  # every stage, twice: make test-e2e
@@ -31,8 +31,8 @@ def test_sd15_layout_through_every_stage(built, tmp_path, layout):
     expected_variant = "fp16" if layout["fp16"] == "only" else None
     assert weights_variant(base / "unet") == expected_variant and pipeline_variant(base) == expected_variant
     # fp16 beside fp32: the fp32 weights are the ones loaded, bit for bit.
-    original = load_unet(built["model"]).state_dict()
-    loaded = load_unet(base).state_dict()
+    original = load_denoiser(built["model"]).state_dict()
+    loaded = load_denoiser(base).state_dict()
     if layout["fp16"] == "beside":
         assert all(torch.equal(original[k], loaded[k]) for k in original)
     else:
@@ -54,7 +54,7 @@ def test_sd15_layout_through_every_stage(built, tmp_path, layout):
     run_stage("export", cfg, "--model", str(run_dir / "model"), "--base-model", str(model), "--run-dir", str(run_dir),
               "--data", str(built["data"]), "--out", str(run_dir / "export"))
     exported = json.loads((run_dir / "export" / "export.json").read_text())["files"]
-    weights = sum(len(load(run_dir / "model").state_dict()) for load in (load_unet, load_vae, load_text_encoder))
+    weights = sum(len(load(run_dir / "model").state_dict()) for load in (load_denoiser, load_vae, load_text_encoder))
     assert exported[f"{cfg.run}.safetensors"]["tensors"] == weights  # every UNet, VAE and text encoder weight
 
     # The merged model keeps what the base had, so from_pretrained treats both alike.
@@ -140,7 +140,7 @@ def test_a_single_file_sd15_checkpoint_of_the_real_shapes_converts_offline(tmp_p
     model = tmp_path / "model"
     assert family_of(model).name == "sd1" and json.loads((model / "fetch.json").read_text())["configs"].startswith(
         "the project's sd1 configs")
-    got_unet, got_vae = load_unet(model), load_vae(model)
+    got_unet, got_vae = load_denoiser(model), load_vae(model)
     got_text = load_text_encoder(model)
     for ours, key in ((got_unet.conv_in.weight, "model.diffusion_model.input_blocks.0.0.weight"),
                       (got_unet.up_blocks[3].attentions[2].transformer_blocks[0].attn2.to_k.weight,

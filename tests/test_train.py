@@ -24,7 +24,7 @@ from workflow.distributed import EXIT_PREEMPTED
 from workflow.ema import consolidate, load_ema
 from workflow.engine import deepspeed_config, lr_factor
 from workflow.latents import LatentStream
-from workflow.models import unet_blocks
+from workflow.families import FAMILIES
 from workflow.profiling import StepProfiler, SyncSites, busy_us, gpu_busy_spans, gpu_idle_by_phase
 from workflow.objective import min_snr_weights
 
@@ -566,7 +566,7 @@ def test_activation_accounting_on_the_meta_device_matches_a_real_forward(built):
             inputs = activations.unet_inputs(unet.config, 2, 32, factor, torch.bfloat16, device)
             figures[device, lora_rank] = [
                 activations.saved_bytes(unet, inputs, blocks)
-                for blocks in ([], ["down_blocks.0"], ["up_blocks.1", "mid_block"], unet_blocks(unet.config))]
+                for blocks in ([], ["down_blocks.0"], ["up_blocks.1", "mid_block"], FAMILIES["sd1"].blocks(unet.config))]
     for lora_rank in (None, 4):
         # Equal but for GroupNorm's saved mean and rstd (batch x groups values each), which the meta
         # kernel makes fp32 and the CPU kernel bf16: 0.16 % here. The math attention would add 47 %.
@@ -659,7 +659,7 @@ from workflow.config import load_config
 from workflow.distributed import init_world
 from workflow.ema import zero0_masters
 from workflow.engine import build_engine
-from workflow.models import load_unet
+from workflow.models import load_denoiser
 
 init_world()  # as a rank starts: DeepSpeed's ops loaded with this venv's ninja (tests/conftest.py checks)
 out = {}
@@ -667,7 +667,7 @@ for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
     cfg = load_config(Path("config.yaml"), [f"train.precision={precision}", "train.procs=1", "train.zero_stage=0",
                                             "train.lr=2e-3", "train.steps=300", "train.warmup_steps=50",
                                             "train.micro_batch=2", "train.compile=false"])
-    unet = load_unet(Path(sys.argv[1]))
+    unet = load_denoiser(Path(sys.argv[1]))
     before = {n: p.detach().clone().reshape(-1) for n, p in unet.named_parameters()}
     engine, _ = build_engine(cfg, unet, 1, Path(sys.argv[2]) / precision, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ Training keeps EMAs sharded like ZeRO's optimizer state (ShardedEMA, TrainingEMA
 consolidates the last DeepSpeed checkpoint (any ZeRO stage 0-3, any number of ranks) into full fp32
 weights, gathers the EMA shards (or reconstructs a post-hoc EMA, see posthoc.py), checks both
 against checksums the engine computed at the end of training, and writes `<run>/model/`:
-- full mode: a diffusers pipeline folder (safetensors) whose UNet holds the EMA weights
+- full mode: a diffusers pipeline folder (safetensors) whose denoiser (UNet) holds the EMA weights
   (`ema.use: true`) or the raw ones; the other set beside it in `unet_raw/` or `unet_ema/`;
 - lora mode: `pytorch_lora_weights.safetensors` (diffusers format, `pipe.load_lora_weights`), the
   other set in `lora_raw/` or `lora_ema/`, and with `ema.fuse_lora` the full pipeline, adapters fused.
@@ -26,6 +26,7 @@ import torch
 
 from .cli import run, stage_main
 from .config import Config
+from .families import family_of
 from .fsutil import atomic_dir, atomic_file, read_json, write_json
 from .posthoc import power_beta, sigma_rel_to_gamma, solve_coefficients
 
@@ -377,27 +378,29 @@ def merge(cfg: Config, model_dir: Path, run_dir: Path, out: Path) -> dict:
         if cfg.train.mode == "lora":
             report |= export_lora(cfg, model_dir, main, other, tmp, info["prediction_type"])
         else:
-            report |= export_full(model_dir, main, other, tmp, "unet_raw" if cfg.ema.use else "unet_ema",
+            other_name = family_of(model_dir).denoiser + ("_raw" if cfg.ema.use else "_ema")  # unet_raw for a UNet
+            report |= export_full(model_dir, main, other, tmp, other_name,
                                   info["prediction_type"])
         write_json(tmp / "merge.json", report)
     print(f"ema: merged {ckpt_dir / tag} ({report['weights']} weights, {cfg.train.mode}) -> {out}")
     return report
 
 
-def checkpoint_unet(cfg: Config, model_dir: Path, ckpt_dir: Path, tag: str):
-    """The UNet of one training checkpoint (its EMA weights when ema.use), LoRA adapters fused in."""
-    from .models import add_lora, load_unet
+def checkpoint_denoiser(cfg: Config, model_dir: Path, ckpt_dir: Path, tag: str):
+    """The denoiser (UNet, transformer) of one training checkpoint (its EMA weights when ema.use),
+    LoRA adapters fused in."""
+    from .models import add_lora, load_denoiser
 
     raw, _ = consolidate(ckpt_dir, tag)
     weights = {k: v.view(raw[k].shape) for k, v in load_ema(ckpt_dir, tag).items()} if cfg.ema.use else raw
-    unet = load_unet(model_dir)
+    denoiser = load_denoiser(model_dir)
     if cfg.train.mode == "lora":
-        load_adapters(add_lora(unet, cfg.train.lora), weights)
-        unet.fuse_lora()
-        unet.unload_lora()
+        load_adapters(add_lora(denoiser, cfg.train.lora), weights)
+        denoiser.fuse_lora()
+        denoiser.unload_lora()
     else:
-        unet.load_state_dict(weights, strict=True)
-    return unet
+        denoiser.load_state_dict(weights, strict=True)
+    return denoiser
 
 
 def load_adapters(unet, weights: dict) -> None:
@@ -408,12 +411,12 @@ def load_adapters(unet, weights: dict) -> None:
         raise ValueError(f"LoRA weights do not fit the adapters: {(unexpected or missing)[:3]}")
 
 
-def save_pipeline(model_dir: Path, unet, folder: Path, prediction_type: str) -> None:
-    """The base pipeline with `unet`, its scheduler predicting what the UNet was trained to; the
-    rest (safety checker, feature extractor, scheduler settings) as the base has it."""
+def save_pipeline(model_dir: Path, denoiser, folder: Path, prediction_type: str) -> None:
+    """The base pipeline with the trained `denoiser`, its scheduler predicting what it was trained to;
+    the rest (safety checker, feature extractor, scheduler settings) as the base has it."""
     from .models import load_pipeline
 
-    pipe = load_pipeline(model_dir, unet=unet)
+    pipe = load_pipeline(model_dir, **{family_of(model_dir).denoiser: denoiser})
     pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.save_pretrained(folder, safe_serialization=True)
     keep_settings_components(model_dir, folder)
@@ -437,9 +440,9 @@ def keep_settings_components(base: Path, folder: Path) -> None:
 
 
 def export_full(model_dir: Path, main: dict, other: dict, tmp: Path, other_name: str, prediction_type: str) -> dict:
-    from .models import load_unet
+    from .models import load_denoiser
 
-    unet = load_unet(model_dir)
+    unet = load_denoiser(model_dir)
     unet.load_state_dict(other, strict=True)
     unet.save_pretrained(tmp / other_name, safe_serialization=True)
     unet.load_state_dict(main, strict=True)
@@ -453,9 +456,9 @@ def export_lora(cfg: Config, model_dir: Path, main: dict, other: dict, tmp: Path
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    from .models import add_lora, load_unet, pipeline_class
+    from .models import add_lora, load_denoiser, pipeline_class
 
-    unet = add_lora(load_unet(model_dir), cfg.train.lora)
+    unet = add_lora(load_denoiser(model_dir), cfg.train.lora)
     metadata = unet.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])  # a set: not JSON
     # Adapter dropout is a training setting. diffusers' load_lora_weights builds the adapters from
@@ -466,8 +469,9 @@ def export_lora(cfg: Config, model_dir: Path, main: dict, other: dict, tmp: Path
     def save_adapter(weights: dict, folder: Path) -> None:
         load_adapters(unet, weights)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        pipeline_class(model_dir).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
-                                                    unet_lora_adapter_metadata=metadata)
+        kwarg = family_of(model_dir).lora_layers_kwarg  # unet_lora_layers: the keyword names the denoiser
+        pipeline_class(model_dir).save_lora_weights(folder, safe_serialization=True, **{
+            kwarg: layers, kwarg.replace("_layers", "_adapter_metadata"): metadata})
 
     other_name = "lora_raw" if cfg.ema.use else "lora_ema"
     save_adapter(other, tmp / other_name)

@@ -38,9 +38,9 @@ EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.fl
 
 def checkpoint_state_dict(model_dir: Path, family: Family, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The pipeline folder's weights under the original single-file keys."""
-    from .models import load_text_encoder, load_unet, load_vae
+    from .models import load_denoiser, load_text_encoder, load_vae
 
-    unet, vae = load_unet(model_dir), load_vae(model_dir)
+    unet, vae = load_denoiser(model_dir), load_vae(model_dir)
     out = convert(unet.state_dict(), unet_rows(dict(unet.config)), UNET_PREFIX, "unet")
     out |= convert(vae.state_dict(), vae_rows(dict(vae.config)), VAE_PREFIX, "vae")
     for layout in family.text_encoders:
@@ -180,7 +180,7 @@ def export(cfg: Config, model_dir: Path, base_dir: Path, run_dir: Path, data_dir
     report = {"family": family.name, "dtype": cfg.export.dtype, "files": {}, "skipped": {}}
     with atomic_dir(out) as tmp:
         if "checkpoint" in cfg.export.formats:
-            if (model_dir / "unet").is_dir():
+            if (model_dir / "model_index.json").is_file():  # a full model (not a LoRA-only merge)
                 name = f"{cfg.run}.safetensors"
                 tensors = checkpoint_state_dict(model_dir, family, dtype)
                 meta = metadata(cfg, family, info, count, prediction_type, None)

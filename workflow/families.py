@@ -72,6 +72,26 @@ class Family:
     # zeroing dropped embeddings, and its pipeline's force_zeros_for_empty_prompt samples that way).
     null_caption: str = "empty"
 
+    # The denoiser: its component folder and class; LoRA files name its layers with this keyword
+    # (save_lora_weights(unet_lora_layers=...)).
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    lora_layers_kwarg: str = "unet_lora_layers"
+
+    def blocks(self, config: dict) -> list[str]:
+        """The denoiser's top-level blocks (from its config), the units train.gradient_checkpointing
+        names: for a UNet down_blocks.N, mid_block, up_blocks.N (SD 1.x/2.x: 4 down, 4 up; SDXL: 3, 3)."""
+        mid = [] if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else ["mid_block"]
+        return ([f"down_blocks.{i}" for i in range(len(config["down_block_types"]))] + mid
+                + [f"up_blocks.{i}" for i in range(len(config["up_block_types"]))])
+
+    @staticmethod
+    def top_block(module_name: str) -> str:
+        """The block a module belongs to: 'down_blocks.1.attentions.0' -> 'down_blocks.1',
+        'mid_block.resnets.0' -> 'mid_block'."""
+        parts = module_name.split(".")
+        return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
     def predict(self, model, noisy, timesteps, text, pooled, sizes, dtype):
         """The denoiser's output for noised latents, as the family's pipeline calls it: the UNet takes
         the text hidden states and, for SDXL, `added_cond_kwargs` (the pooled embedding as

@@ -94,51 +94,40 @@ def load_vae(model_dir: Path, device="cpu", dtype=torch.float32):
                                          variant=weights_variant(Path(model_dir) / "vae")).to(device).eval()
 
 
-def load_unet(model_dir: Path, dtype=torch.float32):
-    from diffusers import UNet2DConditionModel
+def load_denoiser(model_dir: Path, dtype=torch.float32):
+    """The model folder's denoiser (the family's: a UNet for SD 1.x/2.x/SDXL) in `dtype`."""
+    import diffusers
 
-    return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype,
-                                                variant=weights_variant(Path(model_dir) / "unet"))
-
-
-def unet_blocks(config: dict) -> list[str]:
-    """The top-level blocks of a UNet (its config), the units train.gradient_checkpointing names:
-    down_blocks.N, mid_block, up_blocks.N (SD 1.x/2.x: 4 down, 4 up; SDXL: 3 and 3)."""
-    mid = [] if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else ["mid_block"]
-    return ([f"down_blocks.{i}" for i in range(len(config["down_block_types"]))] + mid
-            + [f"up_blocks.{i}" for i in range(len(config["up_block_types"]))])
+    family = family_of(model_dir)
+    return getattr(diffusers, family.denoiser_class).from_pretrained(
+        model_dir, subfolder=family.denoiser, torch_dtype=dtype, variant=weights_variant(Path(model_dir) / family.denoiser))
 
 
 def checkpointed_blocks(model_dir: Path, setting: bool | list[str]) -> list[str]:
     """The blocks that recompute their activations in backward under train.gradient_checkpointing
-    (true: all, false: none, a list: those), refusing a name this UNet does not have."""
-    blocks = unet_blocks(component_config(Path(model_dir), "unet"))
+    (true: all, false: none, a list: those), refusing a name this denoiser does not have."""
+    family = family_of(model_dir)
+    blocks = family.blocks(component_config(Path(model_dir), family.denoiser))
     if isinstance(setting, bool):
         return blocks if setting else []
     unknown = [name for name in setting if name not in blocks]
     if unknown:
-        raise ValueError(f"train.gradient_checkpointing: {unknown} not among this UNet's blocks ({model_dir}): "
-                         f"{', '.join(blocks)}")
+        raise ValueError(f"train.gradient_checkpointing: {unknown} not among this {family.denoiser}'s blocks "
+                         f"({model_dir}): {', '.join(blocks)}")
     return list(setting)
 
 
-def set_gradient_checkpointing(unet, blocks: list[str]) -> None:
+def set_gradient_checkpointing(model, blocks: list[str], family) -> None:
     """Checkpoint exactly `blocks`: diffusers switches every block (and each Transformer2DModel
     inside) at once, so switch all on, then off again outside `blocks` (memory is mostly in the
     high-resolution blocks; recomputing the rest costs time for little memory)."""
     if not blocks:
-        unet.disable_gradient_checkpointing()
+        model.disable_gradient_checkpointing()
         return
-    unet.enable_gradient_checkpointing()
-    for name, module in unet.named_modules():
+    model.enable_gradient_checkpointing()
+    for name, module in model.named_modules():
         if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = top_block(name) in blocks
-
-
-def top_block(module_name: str) -> str:
-    """'down_blocks.1.attentions.0' -> 'down_blocks.1'; 'mid_block.resnets.0' -> 'mid_block'."""
-    parts = module_name.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+            module.gradient_checkpointing = family.top_block(name) in blocks
 
 
 def pipeline_class(model_dir: Path):
@@ -155,8 +144,8 @@ def load_pipeline(model_dir: Path, dtype=torch.float32, unfiltered: bool = False
     components.setdefault("vae", load_vae(model_dir, dtype=dtype))
     for layout in family.text_encoders:
         components.setdefault(layout.folder, load_text_encoder(model_dir, dtype=dtype, folder=layout.folder))
-    if "unet" not in components:
-        components["unet"] = load_unet(model_dir, dtype=dtype)
+    if family.denoiser not in components:
+        components[family.denoiser] = load_denoiser(model_dir, dtype=dtype)
     index = json.loads((Path(model_dir) / "model_index.json").read_text())
     if unfiltered and "safety_checker" in index:
         components |= {"safety_checker": None, "requires_safety_checker": False}

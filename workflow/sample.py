@@ -135,11 +135,12 @@ class Validator:
             self.family = family_of(base_model)
             self.scaling = latent_scaling(load_vae(base_model))
 
-    def __call__(self, unet, device: torch.device) -> float | None:
+    def __call__(self, pipe, device: torch.device) -> float | None:
+        """The validation loss of the pipeline's denoiser (its UNet for SD 1.x/2.x/SDXL)."""
         if not self.samples:
             return None
-        return validation_loss(unet, self.objective, self.family, self.samples, self.scaling,
-                               self.cfg.sample.val_timesteps, device)
+        return validation_loss(getattr(pipe, self.family.denoiser), self.objective, self.family, self.samples,
+                               self.scaling, self.cfg.sample.val_timesteps, device)
 
 
 MAX_AUTO_PROMPTS = 8
@@ -195,7 +196,7 @@ def reference_image(pipe, sample: dict) -> Image.Image:
     dtype = torch.float32 if upcast else vae.dtype
     mean = sample["mean"][0:1].to(vae.device, dtype)  # variant 0: the unflipped image
     pixels = vae.to(dtype).decode(mean).sample
-    vae.to(pipe.unet.dtype if upcast else vae.dtype)
+    vae.to(torch.float16 if upcast else dtype)  # upcast only ever comes from fp16
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 
@@ -210,7 +211,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
            run_dir: Path | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.time()
-    folder = model_dir if (model_dir / "unet").is_dir() else base_model
+    folder = model_dir if (model_dir / "model_index.json").is_file() else base_model  # else a LoRA-only merge
     cfg = resolve_here(cfg.at_model_resolution(folder), folder)
     cfg, references = resolve_prompts(cfg, latent_dir)
     s = cfg.sample
@@ -227,7 +228,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     metrics = {"images": len(images), "prompts": len(s.prompts), "seeds": s.seeds, "steps": s.steps,
                "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
                "scheduler": type(pipe.scheduler).__name__, "sizes": [f"{w}x{h}" for w, h in sizes],
-               "model": str(model_dir), "val_loss": validate(pipe.unet, device), "val_samples": len(validate.samples),
+               "model": str(model_dir), "val_loss": validate(pipe, device), "val_samples": len(validate.samples),
                "val_timesteps": s.val_timesteps, "prompt_list": s.prompts, "batch_size": s.batch_size,
                "peak_gpu_allocated_gb": round(peak[0] / 2**30, 2) if peak else None,
                "peak_gpu_reserved_gb": round(peak[1] / 2**30, 2) if peak else None,
@@ -261,7 +262,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         base = load_pipeline(base_model, device)
         set_scheduler(base, s.scheduler)
         base_images = generate(base, cfg, jobs, device)
-        metrics["base"] = {"val_loss": validate(base.unet, device)}
+        metrics["base"] = {"val_loss": validate(base, device)}
         if scores_digits(cfg):
             metrics["base"] |= digit_accuracy([base_images[j] for j in jobs], prompts, s.prompt_digits) or {}
         rows = [row + [base_images[j] for j in row_job] for row, row_job in zip(rows, row_jobs)]
@@ -305,21 +306,22 @@ def sampled_checkpoints(cfg: Config, run_dir: Path) -> tuple[int, list[int]]:
 def sample_checkpoints(cfg: Config, pipe, run_dir: Path, base_model: Path, validate: Validator, device: torch.device):
     """checkpoint x prompt grid (first seed) and the validation loss of each checkpoint, sampled here,
     outside the training processes, from the checkpoints training kept."""
-    from .ema import checkpoint_unet
+    from .ema import checkpoint_denoiser
 
     s = cfg.sample
     final, steps = sampled_checkpoints(cfg, run_dir)
     jobs = [(pi, s.seeds[0], s.sizes(cfg.cache.resolution)[0]) for pi in range(len(s.prompts))]
     rows, labels, losses = [], [], {}
-    merged_unet = pipe.unet
+    name = family_of(base_model).denoiser
+    merged = getattr(pipe, name)
     for step in steps:
         tag = checkpoint_tag(step)
-        pipe.unet = checkpoint_unet(cfg, base_model, run_dir / "checkpoints", tag).to(device, merged_unet.dtype)
+        setattr(pipe, name, checkpoint_denoiser(cfg, base_model, run_dir / "checkpoints", tag).to(device, merged.dtype))
         images = generate(pipe, cfg, jobs, device)
         rows.append([images[j] for j in jobs])
         labels.append(f"step {step}" + (" (last)" if step == final else ""))
-        losses[str(step)] = {"val_loss": validate(pipe.unet, device)}
-    pipe.unet = merged_unet
+        losses[str(step)] = {"val_loss": validate(pipe, device)}
+    setattr(pipe, name, merged)
     return make_grid(rows, labels, s.prompts), losses
 
 

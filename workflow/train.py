@@ -39,7 +39,7 @@ from .gpu_memory import check_memory_cap, peak_gpu_memory, set_up_gpu_memory
 from .auto import Hardware, check_card, resolve_here, steps_for
 from .families import Family, family_of
 from .latents import LatentStream, PriorPart, held_out
-from .models import (add_lora, checkpointed_blocks, latent_scaling, load_noise_scheduler, load_unet, load_vae,
+from .models import (add_lora, checkpointed_blocks, latent_scaling, load_denoiser, load_noise_scheduler, load_vae,
                      set_gradient_checkpointing)
 from .objective import DDPMObjective
 from .profiling import StepProfiler, phase
@@ -56,8 +56,8 @@ class TrainingDiverged(RuntimeError):
 
 def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     """The base UNet; in lora mode frozen, with peft LoRA adapters as the only trainable weights."""
-    unet = load_unet(model_dir)
-    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing))
+    unet = load_denoiser(model_dir)
+    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing), family_of(model_dir))
     return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
