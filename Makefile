@@ -2,6 +2,7 @@
 # make run:     install + run the pipeline on config.yaml
 # make test:    install + the test suite (two workers; TEST_WORKERS=1 for one)
 # make test-e2e: the default run through Snakemake as the README shows it, Snakemake killed mid-run, SD 1.5 layouts
+# make test-flux: FLUX.1 (builtin:tiny-flux) through every stage on 2 ranks, resumed, and end to end
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -17,9 +18,9 @@ PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 # work, holding a core another process needs. Passive waiting only changes how idle threads wait
 # (results are the same). Measured with two busy loops beside one sampling test: 116 + 33 s spinning,
 # 60 + 21 s passive; alone, 38 + 11 s vs 38 + 14 s. `make run` is left as it is.
-test test-e2e test-slurm test-faults test-wheelhouse: export OMP_WAIT_POLICY = PASSIVE
+test test-e2e test-slurm test-faults test-flux test-wheelhouse: export OMP_WAIT_POLICY = PASSIVE
 
-.PHONY: test-slurm test-faults test-e2e test-wheelhouse install run test dry-run clean
+.PHONY: test-slurm test-faults test-flux test-e2e test-wheelhouse install run test dry-run clean
 
 install: $(STAMP)
 
@@ -54,6 +55,11 @@ test-slurm: install
 # Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs).
 test-faults: install
 	$(VENV)/bin/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
+
+# FLUX.1 on the CPU (builtin:tiny-flux): 2-rank full ZeRO-3 and LoRA ZeRO-2 runs merged and loaded by
+# diffusers, a killed run resumed bitwise, and the digits end to end (square and bucketed).
+test-flux: install
+	$(VENV)/bin/python -m pytest -m flux tests/test_flux.py $(PYTEST_ARGS)
 
 # The wheelhouse on a bare venv (torch + numpy only): every stage runs from it. Downloads from PyPI.
 test-wheelhouse: install

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workflow.config import LoraConfig  # noqa: E402
 from workflow.families import down_sampling  # noqa: E402
 from workflow.families import FAMILIES  # noqa: E402
-from workflow.models import ARCH_UNETS, add_lora, set_gradient_checkpointing  # noqa: E402
+from workflow.models import ARCH_UNETS, add_lora  # noqa: E402
 
 MIB = 2**20
 
@@ -106,7 +106,7 @@ def kept_for_backward(unet):
 
 def saved_bytes(unet, inputs: dict, blocks: list[str]) -> int:
     """Bytes autograd keeps for backward after one forward that checkpoints `blocks`."""
-    set_gradient_checkpointing(unet, blocks, FAMILIES["sd1"])
+    FAMILIES["sd1"].set_checkpointing(unet, blocks)
     # Inside a checkpointed block, checkpoint's own hooks take the saved tensors (and drop them);
     # what it keeps, the block's inputs, is saved outside them and counted here.
     with flash_attention(next(unet.parameters()).is_meta), kept_for_backward(unet) as kept:
@@ -141,7 +141,7 @@ def compiled_budget(unet, inputs: dict, budget: float) -> tuple[int, float]:
     import torch._functorch.config as functorch
     import torch.utils.flop_counter as flop_counter
 
-    set_gradient_checkpointing(unet, [], FAMILIES["sd1"])
+    FAMILIES["sd1"].set_checkpointing(unet, [])
     torch._dynamo.reset()  # a new partition for each budget, not the graph compiled for the last one
 
     # the counter knows the GPU's flash kernels, not the CPU one flash_attention() calls: the same FLOPs
@@ -169,7 +169,7 @@ def forward_flops(unet, inputs: dict, blocks: list[str]) -> dict[str, float]:
     """Forward FLOPs of each top-level block (and of the whole UNet, under "all")."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    set_gradient_checkpointing(unet, [], FAMILIES["sd1"])
+    FAMILIES["sd1"].set_checkpointing(unet, [])
     # SDPA's math fallback here (the counter knows no CPU flash kernel): its two matrix products are
     # the attention FLOPs any backend does
     counter = FlopCounterMode(display=False, depth=3)

@@ -37,7 +37,6 @@ from activations import random_unet, unet_inputs, vae_factor  # noqa: E402
 
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.families import BUILTIN_FAMILIES, FAMILIES, Family, family_of  # noqa: E402
-from workflow.models import set_gradient_checkpointing  # noqa: E402
 
 
 def gradients(unet, inputs: dict, backend: str | None) -> dict[str, torch.Tensor]:
@@ -119,7 +118,7 @@ def main() -> None:
                     p.normal_(std=0.02)
     if args.checkpointing:
         family = FAMILIES[BUILTIN_FAMILIES[args.model]] if args.model in BUILTIN_FAMILIES else family_of(args.model)
-        set_gradient_checkpointing(base, args.checkpointing.split(","), family)
+        family.set_checkpointing(base, args.checkpointing.split(","))
     vae = vae_factor(args.model)
     resolution = args.resolution or base.config.sample_size * vae
     inputs = unet_inputs(base.config, args.micro_batch, resolution, vae, dtype, device=args.device)

@@ -48,8 +48,7 @@ from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
-from workflow.models import (checkpointed_blocks, latent_scaling, load_denoiser, load_noise_scheduler,  # noqa: E402
-                             load_vae, set_gradient_checkpointing)
+from workflow.models import checkpointed_blocks, latent_scaling, load_denoiser, load_vae  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
 from workflow.gpu_memory import set_up_gpu_memory  # noqa: E402
@@ -87,15 +86,14 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_up_gpu_memory(device, t)
     unet = load_denoiser(model_dir).to(device)
-    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing), family_of(model_dir))
+    family = family_of(model_dir)
+    family.set_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:
         compile_forward(unet, t.compile_shapes, stream.shapes, t.activation_memory_budget)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
-    scheduler = load_noise_scheduler(model_dir)
-    alphas = scheduler.alphas_cumprod.to(device)
-    family = family_of(model_dir)
+    objective = family.objective(model_dir, t.prediction_type, t).to(device)  # the family's noising and target
     scale, shift = latent_scaling(load_vae(model_dir))
     stream = stream.batches(0, t.micro_batch)
     # 8 micro-batches cycled (with buckets: of several sizes, as the stage draws them)
@@ -107,14 +105,13 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
                                                                                              dtype=torch.float32))
         latents = (latents - shift) * scale
         noise = torch.randn_like(latents)
-        ts = torch.randint(0, len(alphas), (len(latents),), device=device)
-        a = alphas[ts].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        ts = objective.random_timesteps(len(latents), None, device, tuple(latents.shape[1:]))
+        noisy = objective.noisy(latents, noise, ts)
         with phase("forward"), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = family.predict(unet, noisy, ts, batch["texts"][:, 0].float(),
                                   batch["pooled"][:, 0].float() if "pooled" in batch else None, batch["size"][:, 0],
-                                  torch.float32)
-        loss = F.mse_loss(pred.float(), noise)
+                                  torch.float32, objective.guidance)
+        loss = F.mse_loss(pred.float(), objective.target(latents, noise, ts))
         with phase("backward"):
             loss.backward()
         with phase("optimizer_step"):

@@ -179,6 +179,17 @@ def built(tmp_path_factory) -> dict[str, Path]:
     return {"data": root / "data", "model": root / "model", "latents": root / "latents", "root": root}
 
 
+def built_with(cfg: Config, built: dict, tmp_path_factory, name: str) -> dict[str, Path]:
+    """Another model (cfg's) fetched and cached on the shared prepared digits, once per session."""
+    def build(root: Path) -> None:
+        run_stage("fetch_model", cfg, "--data", str(built["data"]), "--out", str(root / "model"))
+        run_stage("cache", cfg, "--data", str(built["data"]), "--model", str(root / "model"), "--out",
+                  str(root / "latents"))
+
+    root = shared_once(tmp_path_factory, name, build)
+    return {"data": built["data"], "model": root / "model", "latents": root / "latents"}
+
+
 def train_args(built, run_dir: Path, latents: Path | None = None) -> list[str]:
     return ["--latents", str(latents or built["latents"]), "--model", str(built["model"]), "--data", str(built["data"]),
             "--run-dir", str(run_dir)]

@@ -126,8 +126,8 @@ def test_model_sources_are_told_apart_before_anything_runs(tmp_path, monkeypatch
     download; a folder of checkpoints or a FLUX folder taken for SD 1.x; an unknown builtin found late."""
     monkeypatch.chdir(tmp_path)
     assert model_source("builtin:tiny-xl").family.name == "sdxl"
-    with pytest.raises(ConfigError, match="unknown builtin model 'builtin:tiny-flux'"):
-        model_source("builtin:tiny-flux")
+    with pytest.raises(ConfigError, match="unknown builtin model 'builtin:tiny-sd3'"):
+        model_source("builtin:tiny-sd3")
     assert model_source("org/model").kind == "hub"
     (tmp_path / "models").mkdir()
     with pytest.raises(ConfigError, match="models/sd15 does not exist .*a local path"):
@@ -136,10 +136,15 @@ def test_model_sources_are_told_apart_before_anything_runs(tmp_path, monkeypatch
     (tmp_path / "models" / "ckpts" / "v1-5.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="no model_index.json .*model__pretrained=models/ckpts/v1-5.safetensors"):
         model_source("models/ckpts")
-    flux = tmp_path / "flux"
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ConfigError, match="holds a StableDiffusion3Pipeline"):
+        model_source(str(sd3))
+    flux = tmp_path / "flux"  # a FLUX folder is a family's now: what it lacks is named
     flux.mkdir()
     (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ConfigError, match="holds a FluxPipeline"):
+    with pytest.raises(FileNotFoundError, match="missing transformer/, vae/"):
         model_source(str(flux))
     sd1 = tmp_path / "sd15.safetensors"
     write_safetensors_header(sd1, {"model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),

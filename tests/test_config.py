@@ -172,6 +172,7 @@ def test_auto_resolution_is_the_models_own(tmp_path):
                        "vae": {"block_out_channels": [128, 256, 512, 512]}}.items():
         (sd2_768 / part).mkdir(parents=True)
         (sd2_768 / part / "config.json").write_text(json.dumps(conf))
+    (sd2_768 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     cfg = load_config(REPO / "config.yaml", [f"model.pretrained={sd2_768}"])
     assert cfg.cache.resolution == "auto"
     assert cfg.at_model_resolution(sd2_768).cache.resolution == 768

@@ -41,6 +41,7 @@ ELSEWHERE = {
     "make test-faults": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-e2e": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-slurm": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "make test-flux": ".ci/run (test_ci_runs_the_documented_test_commands)",
     # Not in .ci/run (CI time, issue 19): downloads ~420 MB and runs the workflow from a bare venv.
     "make test-wheelhouse": "by hand: tests/test_wheelhouse.py (2 passed, 8 min 23 s, this session)",
     "make wheelhouse": "tests/test_wheelhouse.py (make test-wheelhouse)",
@@ -68,6 +69,7 @@ def runs(*commands: str):
 def test_every_documented_command_is_run_by_a_test():
     """A command added to the docs without a test here fails this; so does a test of a command
     the docs no longer show."""
+    import test_flux  # noqa: F401 (registers docs/models.md's FLUX lines)
     import test_quickstart  # noqa: F401 (its tests register README's quickstart lines)
 
     shown = documented_commands()
@@ -81,7 +83,7 @@ def test_every_documented_command_is_run_by_a_test():
 def test_ci_runs_the_documented_test_commands():
     ci = (REPO / ".ci" / "run").read_text()
     lines = [line.split(" PYTEST_ARGS=")[0] for line in ci.splitlines()]
-    for target in ("install", "test", "test-e2e", "test-faults", "test-slurm"):
+    for target in ("install", "test", "test-e2e", "test-faults", "test-slurm", "test-flux"):
         assert f"make {target}" in lines, f"make {target} not in .ci/run"
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import LORA_RUN, SHARED_RUN, merge, tiny_config, train
 
-from workflow.ema import (checkpoint_denoiser, checksum, consolidate, gather_fragments, load_ema, load_rank_files,
-                          reconstruct_posthoc, verify_against_engine)
+from workflow.ema import checkpoint_denoiser, consolidate, reconstruct_posthoc, verify_against_engine
+from workflow.sharded_ema import checksum, gather_fragments, load_ema, load_rank_files
 from workflow.models import load_denoiser
 from workflow.posthoc import sigma_rel_to_gamma, solve_coefficients
 
@@ -201,7 +201,7 @@ def test_offloaded_ema_updates_beside_training_and_equals_the_in_step_update(dev
     import time
     from types import SimpleNamespace
 
-    from workflow.ema import ShardedEMA, TrainingEMAs
+    from workflow.sharded_ema import ShardedEMA, TrainingEMAs
 
     in_step = ShardedEMA.update
 

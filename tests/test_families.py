@@ -15,7 +15,7 @@ import torch
 from workflow.families import BUILTIN_RESOLUTIONS, family_of
 from workflow.latents import LatentStream
 
-from conftest import run_stage, shared_once, tiny_config
+from conftest import built_with, run_stage, shared_once, tiny_config
 
 
 def xl_config(*extra: str):
@@ -25,14 +25,7 @@ def xl_config(*extra: str):
 @pytest.fixture(scope="session")
 def xl_built(built, tmp_path_factory) -> dict[str, Path]:
     """builtin:tiny-xl fetched and cached on the shared prepared digits."""
-    def build(root: Path) -> None:
-        cfg = xl_config()
-        run_stage("fetch_model", cfg, "--data", str(built["data"]), "--out", str(root / "model"))
-        run_stage("cache", cfg, "--data", str(built["data"]), "--model", str(root / "model"), "--out",
-                  str(root / "latents"))
-
-    root = shared_once(tmp_path_factory, "xl-built", build)
-    return {"data": built["data"], "model": root / "model", "latents": root / "latents"}
+    return built_with(xl_config(), built, tmp_path_factory, "xl-built")
 
 
 def run_through(xl_built, run_dir: Path, *overrides: str, sample: bool = True) -> None:
@@ -117,8 +110,6 @@ def test_sdxl_caption_dropout_drops_both_embeddings_and_keeps_sizes(xl_built):
     from types import SimpleNamespace
 
     from workflow.families import FAMILIES
-    from workflow.models import load_noise_scheduler
-    from workflow.objective import DDPMObjective
     from workflow.train import diffusion_loss
 
     stream = LatentStream(xl_built["latents"], seed=0)
@@ -132,7 +123,7 @@ def test_sdxl_caption_dropout_drops_both_embeddings_and_keeps_sizes(xl_built):
 
     def run(dropout: float) -> dict:
         cfg = xl_config(f"train.caption_dropout={dropout}")
-        diffusion_loss(model, DDPMObjective(load_noise_scheduler(xl_built["model"]), "v_prediction"), batch,
+        diffusion_loss(model, FAMILIES["sdxl"].objective(xl_built["model"], "v_prediction"), batch,
                        (stream.null_text, stream.null_pooled), cfg, (1.0, 0.0), FAMILIES["sdxl"],
                        torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
         return dict(seen)

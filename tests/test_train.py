@@ -21,7 +21,8 @@ from conftest import REPO, SHARED_RUN, read_until, stage_argv, stage_env, tiny_c
 from workflow.checkpoints import training_settings
 from workflow.config import ConfigError
 from workflow.distributed import EXIT_PREEMPTED
-from workflow.ema import consolidate, load_ema
+from workflow.ema import consolidate
+from workflow.sharded_ema import load_ema
 from workflow.engine import deepspeed_config, lr_factor
 from workflow.latents import LatentStream
 from workflow.families import FAMILIES
@@ -129,12 +130,9 @@ def test_loss_options_change_what_the_model_sees_and_the_loss(built):
     from types import SimpleNamespace
 
     from workflow.families import FAMILIES
-    from workflow.models import load_noise_scheduler
-    from workflow.objective import DDPMObjective
     from workflow.train import diffusion_loss
 
-    scheduler = load_noise_scheduler(built["model"])
-    objective = DDPMObjective(scheduler, "epsilon")
+    objective = FAMILIES["sd1"].objective(built["model"], "epsilon")
     stream = LatentStream(built["latents"], seed=0)
     batch = next(stream.batches(0, micro_batch=8))
     batch.pop("position")
@@ -172,7 +170,7 @@ def test_loss_options_change_what_the_model_sees_and_the_loss(built):
     assert perturbed == pytest.approx(plain, rel=1e-6)  # the target is not
 
     snr, snr_inputs = run("train.snr_gamma=5")
-    weights = min_snr_weights(scheduler.alphas_cumprod[inputs["timesteps"]], 5.0, "epsilon")
+    weights = min_snr_weights(objective.scheduler.alphas_cumprod[inputs["timesteps"]], 5.0, "epsilon")
     assert torch.equal(snr_inputs["timesteps"], inputs["timesteps"]) and not torch.all(weights == 1)
     # Epsilon weights are min(snr, gamma) / snr <= 1: smaller where snr > gamma, 1 when gamma is never reached.
     assert snr < plain * (1 - 1e-3)
@@ -657,7 +655,7 @@ import torch.nn.functional as F
 from pathlib import Path
 from workflow.config import load_config
 from workflow.distributed import init_world
-from workflow.ema import zero0_masters
+from workflow.sharded_ema import zero0_masters
 from workflow.engine import build_engine
 from workflow.models import load_denoiser
 

@@ -20,6 +20,7 @@ by their stage: `train.steps` (from the data set's size) and `sample.prompts` (f
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -131,12 +132,19 @@ def resolve(cfg: Config, hw: Hardware, family: Family | None, resolution: int | 
             "ZeRO-2 shards gradients and optimizer states across GPUs (measured 0.98x linear on two)" if zero and not offloaded
             else "the optimizer on the CPU needs ZeRO >= 1" if zero else
             "one rank has nothing to shard" if hw.gpu else "the CPU demo's ranks"))
+    precision = t.precision
     if t.precision == AUTO:
         precision = "fp32" if not hw.gpu else ("bf16-mixed" if zero == 0 else "bf16")
-        choose("train", "precision", precision, f"{hw.where}: " + {
-            "fp32": "the CPU has no fast bf16 everywhere (oneDNN differs by CPU)",
-            "bf16-mixed": "ZeRO-0 on fp32 weights with bf16 autocast: the fastest on one GPU (BENCHMARKS.md)",
-            "bf16": "bf16 weights, fp32 masters in DeepSpeed's optimizer (measured with ZeRO-2)"}[precision])
+        lora_base = hw.gpu and t.mode == "lora" and d is not None and d.lora_precision
+        if lora_base:
+            precision = d.lora_precision
+        choose("train", "precision", precision, f"{hw.where}: " + (
+            f"{family_name} LoRA: the frozen base in {precision}, as its trainers hold it" if lora_base else {
+                "fp32": "the CPU has no fast bf16 everywhere (oneDNN differs by CPU)",
+                "bf16-mixed": "ZeRO-0 on fp32 weights with bf16 autocast: the fastest on one GPU (BENCHMARKS.md)",
+                "bf16": "bf16 weights, fp32 masters in DeepSpeed's optimizer (measured with ZeRO-2)"}[precision]))
+    if hw.gpu and d is not None and d.parameters_b:
+        check_states_fit(cfg, hw, d, zero, precision)
     if t.compile == AUTO and (not hw.gpu or d is not None):
         on = hw.gpu and d.compile
         choose("train", "compile", on, "torch's CPU Inductor zeroes part of the UNet's gradients" if not hw.gpu else
@@ -170,6 +178,43 @@ def resolve(cfg: Config, hw: Hardware, family: Family | None, resolution: int | 
         else:
             data[section] = values
     return validate_layers([("auto", data)]), chosen
+
+
+def states_gib(parameters_b: float, mode: str, precision: str, zero: int, ranks: int, offload_optimizer: bool,
+               offload_params: bool) -> float:
+    """GiB per GPU of the denoiser's weights, gradients and AdamW states (activations not counted):
+    16 bytes a parameter in full fine-tuning (fp32 masters and two moments, 12, beside 2-byte bf16
+    weights and gradients; bf16-mixed keeps 4-byte weights and gradients and no separate masters),
+    each part divided over the ranks from the ZeRO stage that shards it. LoRA: the frozen weights."""
+    p = parameters_b * 1e9 / 2**30
+    weight_bytes = 4 if precision in ("fp32", "bf16-mixed") else 2
+    if mode == "lora":
+        return p * weight_bytes
+    weights, grads = p * weight_bytes, p * weight_bytes
+    optimizer = p * (8 if weight_bytes == 4 else 12)
+    if offload_optimizer:
+        optimizer = 0.0
+    return (weights / (ranks if zero >= 3 else 1) * (0 if offload_params else 1)
+            + grads / (ranks if zero >= 2 else 1) + optimizer / (ranks if zero >= 1 else 1))
+
+
+def check_states_fit(cfg: Config, hw: Hardware, d: AutoDefaults, zero: int, precision: str) -> None:
+    """A run whose weights, gradients and optimizer states alone exceed the card is refused at
+    dry-run, naming what would fit, rather than running out of memory when the job starts."""
+    t = cfg.train
+    gib = card_gb(cfg, hw)
+    need = states_gib(d.parameters_b, t.mode, precision, zero, hw.ranks, t.offload_optimizer == "cpu",
+                      t.offload_params == "cpu")
+    if need <= 0.9 * gib:
+        return
+    total = states_gib(d.parameters_b, t.mode, precision, 0, 1, False, False)
+    ranks_z3 = math.ceil(total / (0.6 * gib))
+    raise ConfigError(
+        f"a {t.mode} fine-tune of this {d.parameters_b:g} B-parameter model holds about {total:.0f} GiB of weights, "
+        f"gradients and AdamW states: {need:.0f} GiB on each of {hw.ranks} {gib:.0f} GB GPU(s) with ZeRO-{zero} "
+        f"({precision}), more than the card. Options: ZeRO-3 on {ranks_z3} or more GPUs (train__zero_stage=3, e.g. "
+        f"slurm__nodes), the optimizer on the CPU (train__offload_optimizer=cpu train__zero_stage=3), or LoRA "
+        f"(train__mode=lora)")
 
 
 def scaled_micro_batch(d: AutoDefaults, resolution: int) -> int:

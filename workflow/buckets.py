@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from .families import down_sampling
+from .families import down_sampling, family_of
 
 SIZE = re.compile(r"([1-9]\d*)x([1-9]\d*)")
 
@@ -39,8 +39,9 @@ def size_name(size: tuple[int, int]) -> str:
 
 
 def latent_step(model_dir: str | Path) -> int:
-    """The pixel step bucket sides must be multiples of: the VAE's down-sampling times the UNet's."""
-    return down_sampling(model_dir, "vae") * down_sampling(model_dir, "unet")
+    """The pixel step bucket sides must be multiples of: the VAE's down-sampling times the denoiser's
+    (a UNet's down-sampling, FLUX's 2x2 patches)."""
+    return down_sampling(model_dir, "vae") * family_of(model_dir).latent_multiple(Path(model_dir))
 
 
 def auto_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:

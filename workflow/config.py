@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .buckets import parse_size
 from .fsutil import sha256_json
-from .families import declared_resolution, native_resolution
+from .families import TINY_BUILTINS, declared_resolution, native_resolution  # TINY_BUILTINS: the Snakefile reads it here
 
 DIGIT_PROMPTS = [f"a handwritten digit {d}" for d in range(10)]
 
@@ -88,10 +88,6 @@ def known_scheme(source: str | None) -> str | None:
 
 
 DATA_SCHEMES = ("builtin", "imagefolder", "hf", "wds")
-
-
-# Built by fetch_model and fitted on the prepared data (their VAE), so named after the data set.
-TINY_BUILTINS = {"builtin:tiny": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-xl": "sdxl"}  # -> family
 
 
 class TinyModelConfig(Section):
@@ -315,8 +311,19 @@ class TrainConfig(Section):
         if isinstance(v, int) and v < 0:
             raise ValueError("must be 0 or more, or auto")
         return v
-    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(None, description="null: the scheduler's")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="DDPM families' target; null: the scheduler's (flow-matching families: the velocity)")
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting gamma (5.0 is usual); null: off")
+    timestep_sampling: Literal["uniform", "logit_normal"] | None = Field(
+        None, description="flow-matching models (FLUX): how sigmas are drawn; null: logit_normal (SD3's, most FLUX "
+        "trainers'); DDPM families draw timesteps uniformly")
+    logit_mean: float = Field(0.0, description="logit_normal: the mean of the normal the sigmoid is taken of")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: its standard deviation")
+    flow_shift: float | None = Field(
+        None, gt=0, description="flow-matching models: shift sigmas s -> k s / (1 + (k-1) s) by this k; null: as the "
+        "model's scheduler samples (FLUX.1: resolution-dependent)")
+    guidance: float = Field(1.0, ge=0, description="the guidance input a guidance-distilled model (FLUX.1-dev) "
+                            "trains with (1.0, as most FLUX trainers); ignored for models without one")
     noise_offset: float = Field(0.0, ge=0)
     input_perturbation: float = Field(0.0, ge=0)
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by the null caption")
@@ -394,9 +401,6 @@ class EmaConfig(Section):
         return self
 
 
-SCHEDULERS = ("ddim", "dpm++", "euler", "pndm")
-
-
 class SampleConfig(Section):
     prompts: Annotated[list[str], Field(min_length=1)] | Auto = Field(
         "auto", description="one grid row each; auto: the ten digits for the digits data sets, else the captions of "
@@ -405,7 +409,9 @@ class SampleConfig(Section):
     negative_prompt: str = Field("", description="what guidance steers away from; empty: the unconditional caption")
     steps: int = Field(25, ge=1, description="denoising steps")
     guidance_scale: float = Field(4.0, ge=0)
-    scheduler: Literal["ddim", "dpm++", "euler", "pndm"] = Field("ddim", description="dpm++: DPM-Solver++ multistep")
+    scheduler: Literal["auto", "ddim", "dpm++", "euler", "pndm"] = Field(
+        "auto", description="auto: the family's (DDIM for SD 1.x/2.x/SDXL; FLUX's flow-matching Euler, its only one); "
+        "dpm++: DPM-Solver++ multistep")
     resolution: int | str | list[int | str] | None = Field(
         None, description="image size(s): a side (square), WxH, or a list of them (each prompt x seed at each size); "
         "null: cache.resolution")

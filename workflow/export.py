@@ -93,20 +93,28 @@ def original_config_yaml(model_dir: Path, family: Family, prediction_type: str) 
     return yaml.safe_dump({"model": {"target": family.ldm_target, "params": params}}, sort_keys=False)
 
 
-def kohya_lora_state_dict(lora_file: Path, family: Family, unet_config: dict) -> tuple[dict, float, int]:
-    """(kohya state dict, alpha, rank) from the merge's diffusers-format LoRA file."""
-    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+def read_lora_file(lora_file: Path, denoiser: str) -> tuple[dict, float, int]:
+    """(the denoiser's LoRA weights, under their `<denoiser>.` keys; alpha; rank) of a diffusers-format
+    LoRA file as the merge writes it."""
     from safetensors import safe_open
 
     with safe_open(str(lora_file), "pt") as f:
         weights = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-    if meta.get("unet.alpha_pattern") or meta.get("unet.rank_pattern"):
+    if meta.get(f"{denoiser}.alpha_pattern") or meta.get(f"{denoiser}.rank_pattern"):
         raise ValueError(f"{lora_file}: per-module alpha/rank patterns cannot be written as one kohya alpha")
-    alpha, rank = float(meta["unet.lora_alpha"]), int(meta["unet.r"])
-    unet = {k.removeprefix("unet."): v for k, v in weights.items() if k.startswith("unet.")}
-    if len(unet) != len(weights):
-        raise ValueError(f"{lora_file}: only UNet LoRA can be exported (found {sorted(set(weights) - set(unet))[:3]})")
+    own = {k: v for k, v in weights.items() if k.startswith(f"{denoiser}.")}
+    if len(own) != len(weights):
+        raise ValueError(f"{lora_file}: only {denoiser} LoRA can be exported (found {sorted(set(weights) - set(own))[:3]})")
+    return own, float(meta[f"{denoiser}.lora_alpha"]), int(meta[f"{denoiser}.r"])
+
+
+def kohya_lora_state_dict(lora_file: Path, family: Family, unet_config: dict) -> tuple[dict, float, int]:
+    """(kohya state dict, alpha, rank) from the merge's diffusers-format LoRA file of a UNet."""
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+
+    weights, alpha, rank = read_lora_file(lora_file, "unet")
+    unet = {k.removeprefix("unet."): v for k, v in weights.items()}
     peft = convert_unet_state_dict_to_peft(unet)
     if family.kohya_unet_names == "original":  # SDXL LoRA names follow the sgm UNet's modules
         peft = convert(peft, unet_rows(unet_config), "", "lora")
@@ -122,9 +130,7 @@ def metadata(cfg: Config, family: Family, info: dict, dataset_count: int, predic
     training's own settings from train.json (what `auto` resolved to there)."""
     t = cfg.train.model_copy(update={k: info[k] for k in ("lr", "warmup_steps", "precision", "zero_stage") if k in info})
     v = prediction_type == "v_prediction"
-    architecture = family.modelspec
-    if family.name == "sd2":
-        architecture += "-768-v" if v else "-512"
+    architecture = family.modelspec + family.modelspec_suffixes.get(prediction_type, "")
     res = cfg.cache.resolution
     meta = {"modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": architecture + ("/lora" if lora else ""),
@@ -133,16 +139,18 @@ def metadata(cfg: Config, family: Family, info: dict, dataset_count: int, predic
             "modelspec.title": cfg.export.title or (f"{cfg.run} LoRA" if lora else cfg.run),
             "modelspec.description": f"{'LoRA' if lora else 'Fine-tune'} of {cfg.model_name} on {cfg.dataset_name} "
                                      f"({dataset_count} images), {info['final_step']} steps, deepspeed-diffusers",
-            "modelspec.resolution": f"{res}x{res}", "modelspec.prediction_type": "v" if v else "epsilon",
+            "modelspec.resolution": f"{res}x{res}",
             "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "ss_base_model_version": family.lora_version, "ss_sd_model_name": cfg.model_name,
-            "ss_v2": str(family.name == "sd2"), "ss_v_parameterization": str(v),
+            "ss_v2": str(family.lora_version == "sd_v2"), "ss_v_parameterization": str(v),
             "ss_max_train_steps": str(info["final_step"]), "ss_learning_rate": str(t.lr),
             "ss_lr_scheduler": t.lr_schedule, "ss_lr_warmup_steps": str(t.warmup_steps),
             "ss_total_batch_size": str(info["global_batch"]), "ss_mixed_precision": t.precision,
             "ss_seed": str(t.seed), "ss_resolution": f"({res}, {res})", "ss_num_train_images": str(dataset_count),
             "ss_dataset_name": cfg.dataset_name, "ss_training_comment": f"run {cfg.run}, ZeRO-{t.zero_stage}, "
                                                                         f"{info['world_size']} ranks"}
+    if prediction_type in ("epsilon", "v_prediction"):  # ModelSpec names no flow-matching type: left out, as kohya does
+        meta["modelspec.prediction_type"] = "v" if v else "epsilon"
     if lora:
         alpha, rank = lora
         meta |= {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}"}
@@ -182,12 +190,12 @@ def export(cfg: Config, model_dir: Path, base_dir: Path, run_dir: Path, data_dir
         if "checkpoint" in cfg.export.formats:
             if (model_dir / "model_index.json").is_file():  # a full model (not a LoRA-only merge)
                 name = f"{cfg.run}.safetensors"
-                tensors = checkpoint_state_dict(model_dir, family, dtype)
+                tensors = family.checkpoint_state_dict(model_dir, dtype)
                 meta = metadata(cfg, family, info, count, prediction_type, None)
                 digest = save_with_hash(tensors, meta, tmp / name)
                 report["files"][name] = {"format": "checkpoint", "tensors": len(tensors), "hash_sha256": digest,
                                          "architecture": meta["modelspec.architecture"]}
-                if prediction_type == "v_prediction" and family.name in ("sd1", "sd2"):
+                if prediction_type == "v_prediction" and family.ldm_target.startswith("ldm."):  # A1111 reads its yaml
                     (tmp / f"{cfg.run}.yaml").write_text(original_config_yaml(model_dir, family, prediction_type))
                     report["files"][f"{cfg.run}.yaml"] = {"format": "original config (v-prediction)"}
             else:
@@ -195,8 +203,7 @@ def export(cfg: Config, model_dir: Path, base_dir: Path, run_dir: Path, data_dir
         if "kohya_lora" in cfg.export.formats:
             if merge["mode"] == "lora":
                 name = f"{cfg.run.removesuffix('-lora')}_lora.safetensors"  # run auto ends in -lora already
-                unet_config = read_json(base_dir / "unet" / "config.json", "unet config")
-                tensors, alpha, rank = kohya_lora_state_dict(model_dir / merge["lora_file"], family, unet_config)
+                tensors, alpha, rank = family.kohya_lora_state_dict(model_dir / merge["lora_file"], base_dir)
                 meta = metadata(cfg, family, info, count, prediction_type, (alpha, rank))
                 tensors = {k: (v if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()}
                 digest = save_with_hash(tensors, meta, tmp / name)

@@ -7,6 +7,9 @@
                      size `time_ids` are the UNet's added conditions, `addition_embed_type: text_time`)
   builtin:sd15-arch  Stable Diffusion 1.5's architecture with random weights (for benchmarks)
   builtin:sdxl-arch  SDXL 1.0 base's architecture with random weights (for benchmarks)
+  builtin:tiny-flux  FLUX.1-shaped and small: CLIP (pooled) and T5 encoders, 16-channel VAE fitted on the
+                     images, a transformer of 2 double- and 2 single-stream blocks (workflow/flux.py)
+  builtin:flux-arch  FLUX.1-dev's architecture with random weights (for benchmarks; 24 GB on disk)
   <local folder>     a diffusers folder, used as is (linked, not copied)
   <file>.safetensors / .ckpt  a single-file checkpoint in the original layout, converted with diffusers'
                      from_single_file, offline (workflow/single_file.py)
@@ -26,13 +29,12 @@ from .cli import run, stage_main
 from .config import TINY_BUILTINS, Config
 from .fsutil import atomic_dir, read_json, write_json
 from .imaging import resize_crop, decode_image, to_tensor
-from .families import BUILTIN_RESOLUTIONS
+from .families import ARCH_BUILTINS, BUILTIN_RESOLUTIONS, FAMILIES
 from .inputs import model_source
-from .models import (build_sd15_arch, build_sdxl_arch, build_tiny, check_model_dir, file_variant, is_weights, listed_components,
+from .models import (check_model_dir, file_variant, is_weights, listed_components,
                      pipeline_components, preferred_variant)
 from .shards import iter_shard
 
-ARCH_BUILTINS = {"builtin:sd15-arch": build_sd15_arch, "builtin:sdxl-arch": build_sdxl_arch}
 
 
 def load_prepared(data_dir: Path, resolution: int):
@@ -116,9 +118,13 @@ def fetch_model(cfg: Config, out: Path, data_dir: Path | None) -> dict:
                 raise ValueError(f"{ref} is fitted on the data set: pass --data <prepared data folder>")
             images, captions = load_prepared(data_dir, BUILTIN_RESOLUTIONS[ref])
             tiny = cfg.model.tiny
-            report |= build_tiny(tmp, images, captions, tiny.vae_steps, tiny.vae_batch, tiny.seed, TINY_BUILTINS[ref])
+            report |= FAMILIES[TINY_BUILTINS[ref]].build_tiny(tmp, images, captions, tiny.vae_steps, tiny.vae_batch,
+                                                              tiny.seed)
         elif ref in ARCH_BUILTINS:
-            report |= ARCH_BUILTINS[ref](tmp)
+            import importlib
+
+            module, function = ARCH_BUILTINS[ref].split(":")
+            report |= getattr(importlib.import_module(module), function)(tmp)
         elif ref.startswith("builtin:"):
             raise ValueError(f"model.pretrained: unknown builtin model {ref!r}; available: "
                              f"{', '.join([*TINY_BUILTINS, *ARCH_BUILTINS])}")

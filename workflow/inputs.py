@@ -19,7 +19,7 @@ from .families import (BUILTIN_FAMILIES, BUILTIN_RESOLUTIONS, FAMILIES, Family, 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler")
+REQUIRED_SUBFOLDERS = ("vae", "scheduler")  # and the family's denoiser and text encoders
 BUILTIN_DATA = ("digits", "digits-aspect", "sevens")
 # Single-file checkpoints' sizes (diffusers' single_file_utils: the family's default pipeline).
 SINGLE_FILE_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
@@ -94,7 +94,7 @@ def check_model_dir(path: str | Path) -> Path:
         family = family_of(path)
     except UnknownModel as e:
         raise ConfigError(str(e)) from None
-    wanted = list(REQUIRED_SUBFOLDERS)
+    wanted = [family.denoiser, *REQUIRED_SUBFOLDERS]
     for layout in family.text_encoders:
         wanted += [layout.folder, layout.tokenizer]
     missing = [d + "/" for d in wanted if not (path / d).is_dir()]

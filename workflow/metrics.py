@@ -90,11 +90,11 @@ def validation_loss(model, objective, family, samples: list[dict], scaling: tupl
     fixed timesteps, with fixed per-sample noise."""
     if not samples:
         return None
-    ts = objective.fixed_timesteps(timesteps)
     scale, shift = scaling
     by_shape: dict[tuple, list[tuple[int, int]]] = {}  # a batch holds one bucket's size
     for i in range(len(samples)):
-        by_shape.setdefault(tuple(samples[i]["mean"].shape), []).extend((i, t) for t in ts.tolist())
+        shape = tuple(samples[i]["mean"].shape)
+        by_shape.setdefault(shape, []).extend((i, t) for t in objective.fixed_timesteps(timesteps, shape[1:]).tolist())
     noise = {i: torch.randn(samples[i]["mean"].shape[1:], generator=torch.Generator().manual_seed(i))
              for i in range(len(samples))}
     dtype = next(model.parameters()).dtype
@@ -109,7 +109,7 @@ def validation_loss(model, objective, family, samples: list[dict], scaling: tupl
         t = torch.tensor([t for _, t in chunk])
         noisy, target = objective.noisy(latents, eps, t), objective.target(latents, eps, t)
         pred = family.predict(model, noisy.to(device), t.to(device), text.to(device),
-                              None if pooled is None else pooled.to(device), sizes.to(device), dtype)
+                              None if pooled is None else pooled.to(device), sizes.to(device), dtype, objective.guidance)
         losses.append(F.mse_loss(pred.float().cpu(), target, reduction="none").mean(dim=(1, 2, 3)))
     return float(torch.cat(losses).mean())
 

@@ -71,10 +71,10 @@ def pipeline_components(model_dir: Path) -> list[str]:
     return [name for name in listed_components(index) if (Path(model_dir) / name).is_dir()]
 
 
-def load_tokenizer(model_dir: Path, folder: str = "tokenizer"):
-    from transformers import CLIPTokenizer
+def load_tokenizer(model_dir: Path, folder: str = "tokenizer", cls: str = "CLIPTokenizer"):
+    import transformers
 
-    return CLIPTokenizer.from_pretrained(model_dir, subfolder=folder)
+    return getattr(transformers, cls).from_pretrained(model_dir, subfolder=folder)
 
 
 def load_text_encoder(model_dir: Path, device="cpu", dtype=torch.float32, folder: str = "text_encoder"):
@@ -117,19 +117,6 @@ def checkpointed_blocks(model_dir: Path, setting: bool | list[str]) -> list[str]
     return list(setting)
 
 
-def set_gradient_checkpointing(model, blocks: list[str], family) -> None:
-    """Checkpoint exactly `blocks`: diffusers switches every block (and each Transformer2DModel
-    inside) at once, so switch all on, then off again outside `blocks` (memory is mostly in the
-    high-resolution blocks; recomputing the rest costs time for little memory)."""
-    if not blocks:
-        model.disable_gradient_checkpointing()
-        return
-    model.enable_gradient_checkpointing()
-    for name, module in model.named_modules():
-        if hasattr(module, "gradient_checkpointing"):
-            module.gradient_checkpointing = family.top_block(name) in blocks
-
-
 def pipeline_class(model_dir: Path):
     import diffusers
 
@@ -154,29 +141,32 @@ def load_pipeline(model_dir: Path, dtype=torch.float32, unfiltered: bool = False
 
 
 class PromptEncoder:
-    """Captions -> what the family's UNet is conditioned on, computed as its diffusers pipeline
-    does: hidden states (N, tokens, dim; SDXL's two encoders' penultimate layers concatenated) and,
-    where the family uses one, the pooled projected embedding (N, dim)."""
+    """Captions -> what the family's denoiser is conditioned on, computed as its diffusers pipeline
+    does: hidden states (N, tokens, dim; SDXL's two encoders' penultimate layers concatenated; FLUX's
+    T5) and, where the family uses one, the pooled embedding (N, dim; SDXL's projected, FLUX's CLIP)."""
 
     def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype):
         self.family = family_of(model_dir)
         self.device = device
-        self.tokenizers = [load_tokenizer(model_dir, layout.tokenizer) for layout in self.family.text_encoders]
+        self.tokenizers = [load_tokenizer(model_dir, layout.tokenizer, layout.tokenizer_class)
+                           for layout in self.family.text_encoders]
         self.encoders = [load_text_encoder(model_dir, device, dtype, layout.folder) for layout in self.family.text_encoders]
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, pooled = [], None
         for layout, tokenizer, encoder in zip(self.family.text_encoders, self.tokenizers, self.encoders):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids
+            # T5 at most 512 tokens, FluxPipeline's limit (its tokenizer's own max length is larger)
+            ids = tokenizer(captions, padding="max_length", max_length=min(512, tokenizer.model_max_length),
+                            truncation=True, return_tensors="pt").input_ids
             if self.device.type == "cuda":
                 # A blocking upload would wait for the VAE work queued before it and stall the pipeline.
                 ids = ids.pin_memory().to(self.device, non_blocking=True)
             out = encoder(ids, output_hidden_states=layout.hidden_state == "penultimate")
-            hidden.append(out.hidden_states[-2] if layout.hidden_state == "penultimate" else out.last_hidden_state)
-            if layout.pooled:
-                pooled = out.text_embeds
+            if layout.hidden_state is not None:
+                hidden.append(out.hidden_states[-2] if layout.hidden_state == "penultimate" else out.last_hidden_state)
+            if layout.pooled is not None:
+                pooled = out.text_embeds if layout.pooled == "projected" else out.pooler_output
         return torch.cat(hidden, dim=-1), pooled
 
     def null_caption(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -195,12 +185,6 @@ def add_lora(unet, lora):
     unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                                 target_modules=lora.target_modules, init_lora_weights="gaussian"))
     return unet
-
-
-def load_noise_scheduler(model_dir: Path):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
 
 def latent_scaling(vae) -> tuple[float, float]:
@@ -317,9 +301,11 @@ def assemble_pipeline(family: str, tokenizer, parts: dict[str, Any]):
                                    requires_safety_checker=False, **parts)
 
 
-def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 2e-3, kl_weight: float = 1e-4) -> dict:
+def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 2e-3, kl_weight: float = 1e-4,
+            center: bool = False) -> dict:
     """Fit the tiny VAE on images in [-1, 1] (N, 3, H, W); then set `scaling_factor` so that the
-    latents the diffusion model sees have unit variance."""
+    latents the diffusion model sees have unit variance (and with `center`, `shift_factor` so they
+    have zero mean, as FLUX's VAE config does)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     vae.train()
@@ -343,6 +329,8 @@ def fit_vae(vae, images: torch.Tensor, steps: int, batch: int, seed: int, lr: fl
         recon = vae.decode(means[:256]).sample
     std = float(means.std())
     vae.register_to_config(scaling_factor=1.0 / std)
+    if center:
+        vae.register_to_config(shift_factor=float(means.mean()))
     return {"vae_final_loss": float(loss.detach()), "vae_recon_mse": float(torch.nn.functional.mse_loss(recon, images[:256])), "latent_std": std}
 
 

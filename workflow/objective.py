@@ -3,7 +3,9 @@ validation loss both come from here, so the two cannot drift apart.
 
 `DDPMObjective`: a DDPM noise schedule (SD 1.x, 2.x, SDXL): the noised input is
 sqrt(a_t) x0 + sqrt(1 - a_t) noise at an integer timestep t, the target the noise (epsilon) or the
-velocity (v-prediction), optionally weighted by min-SNR-gamma (Hang et al. 2023).
+velocity (v-prediction), optionally weighted by min-SNR-gamma (Hang et al. 2023). The flow-matching
+objective (FLUX) is `FlowMatchObjective` in workflow/flux.py, with the same methods; a family's
+`objective()` gives its own.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ class DDPMObjective:
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.steps = int(scheduler.config.num_train_timesteps)
+        self.guidance = None  # no DDPM family has a guidance input
 
     def to(self, device: torch.device) -> "DDPMObjective":
         """Keep the schedule where the timesteps are (add_noise indexes it by them)."""
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         return self
 
-    def random_timesteps(self, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    def random_timesteps(self, n: int, gen: torch.Generator, device: torch.device,
+                         latent_shape: tuple[int, ...] = ()) -> torch.Tensor:
         return torch.randint(0, self.steps, (n,), generator=gen, device=device)
 
-    def fixed_timesteps(self, count: int) -> torch.Tensor:
+    def fixed_timesteps(self, count: int, latent_shape: tuple[int, ...] = ()) -> torch.Tensor:
         """`count` timesteps spread evenly over the schedule (the middle of each of `count` bins)."""
         return ((torch.arange(count) + 0.5) * self.steps / count).long()
 

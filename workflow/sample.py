@@ -29,9 +29,8 @@ from .fsutil import atomic_dir, read_json, write_json
 from .gpu_memory import cap_gpu_memory, peak_gpu_memory
 from .latents import decode_latent_sample, read_verified_shard, validation_samples
 from .metrics import clip_score, digit_accuracy, validation_loss
-from .families import family_of
+from .families import family_of, family_of_pipeline
 from .models import check_model_dir, latent_scaling, load_pipeline as load_family_pipeline
-from .objective import DDPMObjective
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be seen
@@ -47,7 +46,9 @@ def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None
     pipe = load_family_pipeline(folder, dtype, unfiltered=True)
     if lora_only:
         pipe.load_lora_weights(model_dir, weight_name=LORA_FILE)
-        pipe.scheduler.register_to_config(prediction_type=read_json(model_dir / "merge.json")["prediction_type"])
+        prediction_type = read_json(model_dir / "merge.json")["prediction_type"]
+        if "prediction_type" in pipe.scheduler.config:  # a DDPM schedule (a flow-matching one has none)
+            pipe.scheduler.register_to_config(prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda":
         pipe.vae.enable_slicing()  # decode a batch one image at a time: the VAE's peak is per image, not per batch
@@ -55,16 +56,8 @@ def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None
 
 
 def set_scheduler(pipe, name: str) -> None:
-    """The sampler, built from the model's own noise schedule (betas, prediction type, spacing)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
-
-    config = pipe.scheduler.config
-    pipe.scheduler = {
-        "ddim": lambda: DDIMScheduler.from_config(config),
-        "dpm++": lambda: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
-        "euler": lambda: EulerDiscreteScheduler.from_config(config),
-        "pndm": lambda: PNDMScheduler.from_config(config, skip_prk_steps=True),
-    }[name]()
+    """sample.scheduler, as the pipeline's family builds it from the model's own schedule."""
+    family_of_pipeline(pipe).set_sampler(pipe, name)
 
 
 Job = tuple[int, int, tuple[int, int]]  # (prompt index, seed, (width, height))
@@ -74,18 +67,16 @@ def generate(pipe, cfg: Config, jobs: list[Job], device: torch.device) -> dict[J
     """Images for (prompt index, seed, size) jobs, batched per size; each with a generator of its
     own seed. SDXL pipelines condition on the size too (original = target size, no crop)."""
     s = cfg.sample
+    family = family_of_pipeline(pipe)
     out = {}
     for size in dict.fromkeys(job[2] for job in jobs):
         of_size = [job for job in jobs if job[2] == size]
         for start in range(0, len(of_size), s.batch_size):
             chunk = of_size[start : start + s.batch_size]
-            # No negative prompt: the pipeline's unconditional embedding, the null caption training used
-            # (the empty caption encoded; zeros for SDXL, whose pipeline zeroes only when it is None).
-            negative = [s.negative_prompt] * len(chunk) if s.negative_prompt else None
-            images = pipe([s.prompts[pi] for pi, _, _ in chunk], negative_prompt=negative,
+            images = pipe([s.prompts[pi] for pi, _, _ in chunk],
                           generator=[torch.Generator(device).manual_seed(seed) for _, seed, _ in chunk],
-                          num_inference_steps=s.steps, guidance_scale=s.guidance_scale, width=size[0],
-                          height=size[1]).images
+                          num_inference_steps=s.steps, width=size[0], height=size[1],
+                          **family.sample_kwargs(pipe, s, len(chunk))).images
             out.update(zip(chunk, images))
     return out
 
@@ -119,10 +110,10 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: 
 
 
 class Validator:
-    """Validation loss of a UNet on the held-out latents (the same samples, timesteps and noise)."""
+    """Validation loss of a denoiser on the held-out latents (the same samples, timesteps and noise)."""
 
     def __init__(self, cfg: Config, latent_dir: Path | None, base_model: Path | None, prediction_type: str):
-        from .models import load_noise_scheduler, load_vae
+        from .models import load_vae
 
         self.samples = validation_samples(latent_dir, cfg.train.val_samples) if latent_dir and base_model else []
         self.cfg, self.prediction_type = cfg, prediction_type
@@ -131,8 +122,8 @@ class Validator:
             f"no samples held out: train.val_samples={cfg.train.val_samples} for "
             f"{read_json(Path(latent_dir) / 'manifest.json')['count']} cached samples (auto holds out none below 100)")
         if self.samples:
-            self.objective = DDPMObjective(load_noise_scheduler(base_model), prediction_type)
             self.family = family_of(base_model)
+            self.objective = self.family.objective(base_model, prediction_type, cfg.train)
             self.scaling = latent_scaling(load_vae(base_model))
 
     def __call__(self, pipe, device: torch.device) -> float | None:
@@ -224,7 +215,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
     jobs = [(pi, seed, size) for pi in range(len(s.prompts)) for size in sizes for seed in s.seeds]
     images = generate(pipe, cfg, jobs, device)
     peak = peak_gpu_memory(device)
-    validate = Validator(cfg, latent_dir, base_model, pipe.scheduler.config.prediction_type)
+    validate = Validator(cfg, latent_dir, base_model, pipe.scheduler.config.get("prediction_type"))
     metrics = {"images": len(images), "prompts": len(s.prompts), "seeds": s.seeds, "steps": s.steps,
                "guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt,
                "scheduler": type(pipe.scheduler).__name__, "sizes": [f"{w}x{h}" for w, h in sizes],

@@ -32,16 +32,14 @@ from .cli import run, stage_main
 from .config import Config
 from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch,
                           stop_when_parent_dies)
-from .ema import TrainingEMAs
+from .sharded_ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
 from .gpu_memory import check_memory_cap, peak_gpu_memory, set_up_gpu_memory
 from .auto import Hardware, check_card, resolve_here, steps_for
 from .families import Family, family_of
 from .latents import LatentStream, PriorPart, held_out
-from .models import (add_lora, checkpointed_blocks, latent_scaling, load_denoiser, load_noise_scheduler, load_vae,
-                     set_gradient_checkpointing)
-from .objective import DDPMObjective
+from .models import add_lora, checkpointed_blocks, latent_scaling, load_denoiser, load_vae
 from .profiling import StepProfiler, phase
 
 # The UNet's weight dtype (bf16-mixed: fp32 weights, DeepSpeed runs the forward under bf16 autocast).
@@ -57,7 +55,7 @@ class TrainingDiverged(RuntimeError):
 def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     """The base UNet; in lora mode frozen, with peft LoRA adapters as the only trainable weights."""
     unet = load_denoiser(model_dir)
-    set_gradient_checkpointing(unet, checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing), family_of(model_dir))
+    family_of(model_dir).set_checkpointing(unet, checkpointed_blocks(model_dir, cfg.train.gradient_checkpointing))
     return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
@@ -69,7 +67,7 @@ def step_generator(seed: int, position: int, rank: int, device: torch.device) ->
     return g
 
 
-def diffusion_loss(engine, objective: DDPMObjective, batch: dict, nulls: tuple[torch.Tensor, torch.Tensor | None],
+def diffusion_loss(engine, objective, batch: dict, nulls: tuple[torch.Tensor, torch.Tensor | None],
                    cfg: Config, scaling: tuple[float, float], family: Family, gen: torch.Generator,
                    device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     t = cfg.train
@@ -96,13 +94,13 @@ def diffusion_loss(engine, objective: DDPMObjective, batch: dict, nulls: tuple[t
     noise = torch.randn(latents.shape, generator=gen, device=device)
     if t.noise_offset:  # per-channel offsets let the model shift overall brightness
         noise = noise + t.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen, device=device)
-    timesteps = objective.random_timesteps(n, gen, device)
+    timesteps = objective.random_timesteps(n, gen, device, tuple(latents.shape[1:]))
     noised_with = noise
     if t.input_perturbation:  # the input sees perturbed noise, the target the unperturbed one
         noised_with = noise + t.input_perturbation * torch.randn(latents.shape, generator=gen, device=device)
     noisy = objective.noisy(latents, noised_with, timesteps)
     target = objective.target(latents, noise, timesteps)
-    pred = family.predict(engine, noisy, timesteps, text, pooled, batch["size"][rows, variant], dtype)
+    pred = family.predict(engine, noisy, timesteps, text, pooled, batch["size"][rows, variant], dtype, objective.guidance)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if t.snr_gamma:
         per_sample = per_sample * objective.snr_weights(timesteps, t.snr_gamma)
@@ -179,10 +177,9 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
 
     torch.manual_seed(t.seed)  # the LoRA initialisation; full mode starts from the loaded weights
     unet = trainable_unet(cfg, model_dir)
-    scheduler = load_noise_scheduler(model_dir)
-    prediction_type = t.prediction_type or scheduler.config.prediction_type
-    objective = DDPMObjective(scheduler, prediction_type).to(device)
     family = family_of(model_dir)
+    objective = family.objective(model_dir, t.prediction_type, t).to(device)
+    prediction_type = objective.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
     stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch)
     prior_stream = open_prior(cfg, latent_dir, world)
