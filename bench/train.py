@@ -87,6 +87,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     set_up_gpu_memory(device, t)
     unet = load_denoiser(model_dir).to(device)
     family = family_of(model_dir)
+    family.configure_attention(device)  # the stage's attention backends, so both loops run the same kernels
     family.set_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:

@@ -68,6 +68,16 @@ def test_tiny_flux_is_a_flux_folder(flux_built, tmp_path):
 
     family = family_of(flux_built["model"])
     assert family.name == "flux" and family.denoiser == "transformer"
+    # cache and sample on a GPU in bf16: T5-XXL and the FLUX transformer overflow in SD's fp16
+    assert family.inference_dtype(torch.device("cuda")) == torch.bfloat16
+    assert FAMILIES["sd1"].inference_dtype(torch.device("cuda")) == torch.float16
+    # training on a GPU leaves cuDNN's attention out (its FLUX backward failed on an H100); the CPU as it is
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert "without cuDNN" in family.configure_attention(torch.device("cuda"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
     pipe = FluxPipeline.from_pretrained(flux_built["model"])
     assert pipe.vae.config.latent_channels == 16 and pipe.transformer.config.in_channels == 64
     assert pipe.vae.config.shift_factor is not None  # fitted, as FLUX's VAE has one
@@ -193,7 +203,8 @@ def test_flux_full_zero3_and_lora_zero2_merge_into_folders_diffusers_loads(flux_
     assert not unmoved, f"ZeRO-3 shards merged incompletely: {unmoved[:5]}"  # every tensor trained moved
     assert any(not torch.equal(p, trained[n]) for n, p in raw.named_parameters())  # EMA differs from raw
     merge = json.loads((full / "model" / "merge.json").read_text())
-    assert merge["prediction_type"] == "flow" and json.loads((full / "train.json").read_text())["prediction_type"] == "flow"
+    trained_as = json.loads((full / "train.json").read_text())
+    assert merge["prediction_type"] == trained_as["prediction_type"] == "flow" and "CPU" in trained_as["attention"]
 
     adapted = FluxPipeline.from_pretrained(flux_built["model"])
     before = dict(adapted.transformer.named_parameters())

@@ -80,10 +80,11 @@ def fingerprint_mismatch(expected: dict[str, str], found: dict[str, str]) -> lis
 
 class LatentEncoder:
     """Loads the VAE and text encoder(s) once; encodes image batches and caption lists. On a GPU
-    in fp16, except a VAE whose config says `force_upcast` (SDXL's overflows in fp16): fp32."""
+    in the family's dtype (fp16; FLUX bf16), except a VAE whose config says `force_upcast` (SDXL's
+    overflows in fp16): fp32."""
 
     def __init__(self, model_dir: Path, device: torch.device):
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = family_of(model_dir).inference_dtype(device)
         self.device, self.model_dir = device, Path(model_dir)
         torch.backends.cudnn.benchmark = True  # one batch shape throughout: pick the fastest kernels
         self._upload: dict = {}
@@ -108,7 +109,7 @@ class LatentEncoder:
         if flip:
             x = torch.cat([x, x.flip(3)])
         post = self.vae.encode(x).latent_dist
-        out = torch.stack([post.mean, post.std]).half()  # one transfer for both
+        out = torch.stack([post.mean, post.std]).half()  # one transfer for both; stored in fp16
         return PendingLatents(out, *self.text(captions), 2 if flip else 1, self.device)
 
     def _pinned(self, x: torch.Tensor) -> torch.Tensor:

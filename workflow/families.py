@@ -91,6 +91,9 @@ class Family:
     # or "peft" (lora_A/lora_B, what its FLUX script saves and ComfyUI reads for FLUX).
     lora_keys: str = "diffusers"
     default_sampler: str = "ddim"  # what sample.scheduler=auto samples with
+    # The dtype cache and sample run the model in on a GPU: fp16 for SD (its VAE's force_upcast
+    # aside); bf16 for FLUX, whose T5 and transformer overflow in fp16 (both were trained in bf16).
+    gpu_dtype: str = "fp16"
     # ModelSpec architecture suffix by prediction type (SD 2.x: -768-v or -512)
     modelspec_suffixes: dict = field(default_factory=dict)
 
@@ -107,6 +110,16 @@ class Family:
         'mid_block.resnets.0' -> 'mid_block'."""
         parts = module_name.split(".")
         return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+    def inference_dtype(self, device):
+        """The dtype cache and sample load the model in: gpu_dtype on a GPU, fp32 on the CPU."""
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[self.gpu_dtype] if device.type == "cuda" else torch.float32
+
+    def configure_attention(self, device) -> str:
+        """Set the attention backends training may use on `device`; returns which, for train.json."""
+        return "PyTorch's scaled_dot_product_attention, its default backend choice"
 
     def set_checkpointing(self, model, blocks: list[str]) -> None:
         """Recompute exactly `blocks` in the backward: diffusers switches every block (and each

@@ -120,11 +120,23 @@ class FluxFamily(Family):
     denoiser_class: str = "FluxTransformer2DModel"
     lora_layers_kwarg: str = "transformer_lora_layers"
     lora_keys: str = "peft"
+    gpu_dtype: str = "bf16"
     default_sampler: str = "flow-euler"
 
     def blocks(self, config: dict) -> list[str]:
         return ([f"transformer_blocks.{i}" for i in range(config.get("num_layers", 19))]
                 + [f"single_transformer_blocks.{i}" for i in range(config.get("num_single_layers", 38))])
+
+    def configure_attention(self, device) -> str:
+        """On a GPU: SDPA without its cuDNN backend. For FLUX.1's shapes on an H100 (torch 2.11) the
+        default, cuDNN, failed in the backward ("mha_graph.execute ... is_good()", then an illegal
+        memory access) while flash attention ran (issue 48's plain-loop measurements)."""
+        if device.type != "cuda":
+            return "PyTorch's scaled_dot_product_attention (CPU)"
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return "scaled_dot_product_attention without cuDNN (flash, else memory-efficient): cuDNN's FLUX backward failed on an H100"
 
     def set_checkpointing(self, model, blocks: list[str]) -> None:
         """diffusers' FluxTransformer2DModel recomputes all of its blocks or none (one switch in its forward)."""

@@ -38,10 +38,10 @@ MIN_CELL = 96  # small images are upscaled (nearest) in the grid so they can be 
 
 def load_pipeline(model_dir: Path, device: torch.device, base_model: Path | None = None):
     """The merged pipeline; for a LoRA-only merge (no fused model), the base model with the adapter."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     lora_only = not (model_dir / "model_index.json").is_file() and (model_dir / LORA_FILE).is_file()
     folder = Path(base_model or read_json(model_dir / "merge.json", "merge record")["base_model"]) if lora_only else model_dir
     check_model_dir(folder)
+    dtype = family_of(folder).inference_dtype(device)
     # Validation images are judged unfiltered: the safety checker would black some out.
     pipe = load_family_pipeline(folder, dtype, unfiltered=True)
     if lora_only:

@@ -178,6 +178,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     torch.manual_seed(t.seed)  # the LoRA initialisation; full mode starts from the loaded weights
     unet = trainable_unet(cfg, model_dir)
     family = family_of(model_dir)
+    attention = family.configure_attention(device)
     objective = family.objective(model_dir, t.prediction_type, t).to(device)
     prediction_type = objective.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
@@ -285,6 +286,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     result = {"final_step": step, "final_loss": last_loss, "fingerprint": checkpoints.training_fingerprint(as_given),
               "world_size": world.size, "checkpoint": checkpoints.checkpoint_tag(step), "global_batch": global_batch,
               "mode": t.mode, "precision": t.precision, "zero_stage": t.zero_stage, "prediction_type": prediction_type,
+              "attention": attention,
               "steps": t.steps, "steps_from": steps_why, "lr": t.lr, "lr_schedule": t.lr_schedule,
               "warmup_steps": t.warmup_steps, "micro_batch": t.micro_batch, "grad_accum": t.grad_accum,
               "bad_steps": bad_steps, "overflow_skipped_steps": int(engine.skipped_steps),
