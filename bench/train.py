@@ -48,7 +48,7 @@ from workflow.distributed import die_with_parent  # noqa: E402
 from workflow.engine import compile_forward  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
-from workflow.models import checkpointed_blocks, latent_scaling, load_denoiser, load_vae  # noqa: E402
+from workflow.models import add_lora, checkpointed_blocks, latent_scaling, load_denoiser, load_vae  # noqa: E402
 from workflow.prepare import prepare  # noqa: E402
 from workflow.profiling import StepProfiler, phase  # noqa: E402
 from workflow.gpu_memory import set_up_gpu_memory  # noqa: E402
@@ -85,7 +85,11 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_up_gpu_memory(device, t)
-    unet = load_denoiser(model_dir).to(device)
+    # the weights as the stage holds them: bf16 under precision bf16 (DeepSpeed keeps fp32 masters of the
+    # trained ones; here AdamW steps bf16 weights, or fp32 LoRA adapters), else fp32 under autocast
+    unet = load_denoiser(model_dir, torch.bfloat16 if t.precision == "bf16" else torch.float32).to(device)
+    if t.mode == "lora":
+        unet = add_lora(unet, t.lora)  # peft keeps the adapters in fp32
     family = family_of(model_dir)
     family.configure_attention(device)  # the stage's attention backends, so both loops run the same kernels
     family.set_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
@@ -93,7 +97,8 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     if t.compile:
         compile_forward(unet, t.compile_shapes, stream.shapes, t.activation_memory_budget)
     unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
     objective = family.objective(model_dir, t.prediction_type, t).to(device)  # the family's noising and target
     scale, shift = latent_scaling(load_vae(model_dir))
     stream = stream.batches(0, t.micro_batch)
@@ -117,7 +122,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
             loss.backward()
         with phase("optimizer_step"):
             if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), t.max_grad_norm, foreach=True)
+                torch.nn.utils.clip_grad_norm_(trained, t.max_grad_norm, foreach=True)
             opt.step()
             opt.zero_grad(set_to_none=True)
 

@@ -241,9 +241,10 @@ def sample_batch(cfg: Config, hw: Hardware, d: AutoDefaults, resolution: int | N
     if cfg.train.memory_cap_gb:
         gib = min(gib, cfg.train.memory_cap_gb)
     per_image = d.sample_per_image_gib * (resolution / d.reference_resolution) ** 2
-    batch = batch_that_fits(gib, d.sample_fixed_gib, per_image)
-    return batch, (f"{gib:.0f} GiB: {d.sample_fixed_gib:g} GiB for the pipeline + {per_image:.2f} GiB per "
-                   f"{resolution} px image (measured, bench/sample_memory.py), a tenth spare")
+    batch = min(d.sample_max_batch, batch_that_fits(gib, d.sample_fixed_gib, per_image))
+    return batch, (f"{gib:.0f} GiB: {d.sample_fixed_gib:g} GiB for the pipeline + {per_image:.3f} GiB per "
+                   f"{resolution} px image (measured, bench/sample_memory.py), a tenth spare; at most "
+                   f"{d.sample_max_batch}, the largest measured")
 
 
 def batch_that_fits(gib: float, fixed_gib: float, per_image_gib: float) -> int:

@@ -61,9 +61,11 @@ class AutoDefaults:
     # the frozen 12 B base at 24 GB as every FLUX trainer holds it (bf16-mixed keeps it in fp32, 48 GB).
     lora_precision: str | None = None
     # Sampling memory on a GPU (GiB, fp16 pipeline at reference_resolution, measured: bench/sample_memory.py):
-    # the pipeline's own, and each image of a batch; None where not measured (batch of 1 then).
+    # the pipeline's own, and each image of a batch; None where not measured (batch of 1 then); and
+    # the largest batch measured or run under a card's cap: no figure says a larger one fits.
     sample_fixed_gib: float | None = None
     sample_per_image_gib: float | None = None
+    sample_max_batch: int = 1
 
 
 @dataclass(frozen=True)
@@ -207,12 +209,15 @@ VAE_PREFIX = "first_stage_model."
 # diffusers' examples/text_to_image: train_text_to_image.py at 1e-5 (SD full), its LoRA script at 1e-4;
 # README_sdxl.md: 1e-6 for SDXL full, 1e-4 for SDXL LoRA. Micro-batches and compile: BENCHMARKS.md
 # (SD 1.5 compiled at 64 on one H100/H200; SDXL eager at 8 with every block recomputed).
+# Sampling (BENCHMARKS.md "Sampling memory", one H100): peak reserved memory, the larger of two fits; the
+# per-image slope of allocated memory where it exceeds the reserved one's (SDXL: the pool barely grows).
 SD_DEFAULTS = AutoDefaults(lr_full=1e-5, lr_lora=1e-4, lr_source="diffusers' text_to_image examples", micro_batch=64,
                            reference_resolution=512, gradient_checkpointing=False, compile=True, cache_batch=32,
-                           parameters_b=0.87)
+                           parameters_b=0.87, sample_fixed_gib=2.99, sample_per_image_gib=0.137, sample_max_batch=64)
 SDXL_DEFAULTS = AutoDefaults(lr_full=1e-6, lr_lora=1e-4, lr_source="diffusers' text_to_image README_sdxl",
                              micro_batch=8, reference_resolution=1024, gradient_checkpointing=True, compile=False,
-                             cache_batch=8, parameters_b=2.57)
+                             cache_batch=8, parameters_b=2.57, sample_fixed_gib=15.32, sample_per_image_gib=0.0136,
+                             sample_max_batch=8)
 # The tiny builtins (CPU demo): the rate and micro-batch `make run` learns the digits with (README),
 # 19,200 samples (300 steps of 2 ranks x 32) unless train.steps or epochs say otherwise.
 TINY_DEFAULTS = AutoDefaults(lr_full=2e-3, lr_lora=2e-3, lr_source="the CPU demo's measured rate", micro_batch=32,

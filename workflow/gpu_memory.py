@@ -43,8 +43,9 @@ def cap_gpu_memory(device: torch.device, cap_gb: float | None) -> None:
     out-of-memory as the smaller card would (what it counts is reserved memory, as on that card)."""
     if cap_gb is None:
         return
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" names no card
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), index)
 
 
 def peak_gpu_memory(device: torch.device) -> tuple[int, ...]:
