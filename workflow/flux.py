@@ -269,6 +269,13 @@ def flow_scheduler():
                                            base_image_seq_len=256, max_image_seq_len=4096)
 
 
+# FLUX.1's VAE: SD's AutoencoderKL shape with 16 latent channels, no quant convs, its own scaling and shift;
+# and T5-XXL's encoder (4.7 B).
+FLUX_VAE = {"latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611, "shift_factor": 0.1159,
+            "use_quant_conv": False, "use_post_quant_conv": False}
+T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64}
+
+
 def build_tiny_flux(out_dir: Path, images: torch.Tensor, captions: list[str], steps: int, batch: int, seed: int) -> dict:
     """builtin:tiny-flux: FLUX-shaped and small: a CLIP tokenizer and a T5 tokenizer learned on the
     captions, small CLIP (pooled) and T5 encoders, a 16-channel VAE fitted on the images (scaling and
@@ -302,9 +309,9 @@ def build_flux_arch(out_dir: Path, seed: int = 0) -> dict:
     """builtin:flux-arch: FLUX.1-dev's architecture with random weights (benchmarks only): the 12 B
     transformer (bf16: 24 GB on disk), CLIP ViT-L, T5-XXL's encoder (4.7 B), the 16-channel VAE."""
     import torch
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from .models import CLIP_L, clip_text_encoder, train_clip_tokenizer
+    from .models import CLIP_L, clip_text_encoder, sd_vae, train_clip_tokenizer
 
     torch.manual_seed(seed)
     corpus = ["a photo of a cat", "a painting of a dog"]
@@ -312,13 +319,9 @@ def build_flux_arch(out_dir: Path, seed: int = 0) -> dict:
     tokenizer_2 = t5_tokenizer(corpus, max_length=512)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 17 B weights: on the GPU
         text_encoder = clip_text_encoder(tokenizer, **CLIP_L).to(torch.bfloat16)
-        text_encoder_2 = t5_encoder(tokenizer_2, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                    num_heads=64).to(torch.bfloat16)
+        text_encoder_2 = t5_encoder(tokenizer_2, **T5_XXL).to(torch.bfloat16)
         transformer = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16)
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                            sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                            use_post_quant_conv=False)
+        vae = sd_vae(**FLUX_VAE)
     FluxPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                  transformer=transformer).save_pretrained(out_dir, safe_serialization=True)
@@ -332,24 +335,21 @@ def write_config_folder(folder: Path) -> Path:
     import json
 
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, T5Config
 
-    from .models import CLIP_L, train_clip_tokenizer
+    from .models import CLIP_L, sd_vae, train_clip_tokenizer
 
     corpus = ["a photo of a cat", "a painting of a dog"]
     tokenizer, tokenizer_2 = train_clip_tokenizer(corpus, max_length=77), t5_tokenizer(corpus, max_length=512)
     with torch.device("meta"):
         FluxTransformer2DModel(guidance_embeds=True).save_config(folder / "transformer")
-        AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                      block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
-                      scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                      use_post_quant_conv=False).save_config(folder / "vae")
+        sd_vae(**FLUX_VAE).save_config(folder / "vae")
     CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, architectures=["CLIPTextModel"],
                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, **CLIP_L).save_pretrained(folder / "text_encoder")
-    T5Config(vocab_size=len(tokenizer_2), d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-             feed_forward_proj="gated-gelu", architectures=["T5EncoderModel"]).save_pretrained(folder / "text_encoder_2")
+    T5Config(vocab_size=len(tokenizer_2), feed_forward_proj="gated-gelu", architectures=["T5EncoderModel"],
+             **T5_XXL).save_pretrained(folder / "text_encoder_2")
     tokenizer.save_pretrained(folder / "tokenizer")
     tokenizer_2.save_pretrained(folder / "tokenizer_2")
     flow_scheduler().save_config(folder / "scheduler")
