@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed
 SNAKEMAKE_ARGS ?=
 # Two pytest workers (pytest-xdist) for make test: most of a test's time is one process starting
 # (imports), so two use both cores; worksteal rebalances the tests' very uneven durations. Shared
-# runs are built once by whichever worker asks first (conftest.shared_once). The e2e and fault
-# suites are mostly 2-rank trainings that already use both cores: one worker.
+# runs are built once by whichever worker asks first (conftest.shared_once). The e2e and FLUX suites
+# too (below); the fault suite's kills are timed against one process: one worker.
 TEST_WORKERS ?= 2
 PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 # The suites run more processes than cores (two workers, each starting 2-rank stages; .ci/run puts
@@ -44,9 +44,10 @@ test: install
 
 # End to end: the default run through Snakemake as the README shows it (digit accuracy), Snakemake
 # killed mid-run, and SD 1.5 repo layouts through every stage.
-# One worker: each test trains on both cores.
+# Two workers: one run at a time left a core idle (the lane ran at 1.03 cores on average in .ci/run:
+# stages start, import, write and wait on Snakemake's scheduling as much as they train).
 test-e2e: install
-	$(VENV)/bin/python -m pytest -m e2e $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m e2e -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The Slurm tests: they install Debian's slurm packages if missing and start a one-node cluster (root).
 test-slurm: install
@@ -59,7 +60,7 @@ test-faults: install
 # FLUX.1 on the CPU (builtin:tiny-flux): 2-rank full ZeRO-3 and LoRA ZeRO-2 runs merged and loaded by
 # diffusers, a killed run resumed bitwise, and the digits end to end (square and bucketed).
 test-flux: install
-	$(VENV)/bin/python -m pytest -m flux tests/test_flux.py $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m flux -n $(TEST_WORKERS) --dist worksteal tests/test_flux.py $(PYTEST_ARGS)
 
 # The wheelhouse on a bare venv (torch + numpy only): every stage runs from it. Downloads from PyPI.
 test-wheelhouse: install

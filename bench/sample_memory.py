@@ -40,7 +40,7 @@ from workflow.sample import generate, load_pipeline, set_scheduler  # noqa: E402
 def measure(model: Path, batches: list[int], steps: int) -> list[dict]:
     device = torch.device("cuda")
     pipe = load_pipeline(model, device)
-    set_scheduler(pipe, "ddim")
+    set_scheduler(pipe, "auto")  # the family's sampler: memory does not depend on it
     res = native_resolution(model)
     rows = []
     for batch in batches:
@@ -78,12 +78,15 @@ def lora_only_merge(model: Path, folder: Path, rank: int) -> Path:
     from workflow.config import LoraConfig
     from workflow.models import add_lora, load_denoiser, pipeline_class
 
+    family = family_of(model)
     unet = add_lora(load_denoiser(model), LoraConfig(rank=rank))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = get_peft_model_state_dict(unet)
+    if family.lora_keys == "diffusers":
+        layers = convert_state_dict_to_diffusers(layers)
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline_class(model).save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    (folder / "merge.json").write_text(json.dumps({"base_model": str(model), "prediction_type": "epsilon",
-                                                   "mode": "lora"}))
+    pipeline_class(model).save_lora_weights(folder, safe_serialization=True, **{family.lora_layers_kwarg: layers})
+    (folder / "merge.json").write_text(json.dumps({"base_model": str(model), "mode": "lora",
+                                                   "prediction_type": family.objective(model).prediction_type}))
     return folder
 
 

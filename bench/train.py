@@ -45,7 +45,7 @@ from workflow.cache import cache  # noqa: E402
 from workflow.families import family_of, native_resolution  # noqa: E402
 from workflow.config import Config, load_config_files  # noqa: E402
 from workflow.distributed import die_with_parent  # noqa: E402
-from workflow.engine import compile_forward  # noqa: E402
+from workflow.engine import compile_forward, compiled_blocks  # noqa: E402
 from workflow.fetch_model import fetch_model  # noqa: E402
 from workflow.latents import LatentStream  # noqa: E402
 from workflow.models import add_lora, checkpointed_blocks, latent_scaling, load_denoiser, load_vae  # noqa: E402
@@ -62,9 +62,12 @@ def bench_config(args: argparse.Namespace, root: Path) -> Config:
     return load_config_files(layers, fixed + args.set)
 
 
-def build_inputs(cfg: Config, root: Path, images: int, aspects: list[float] | None = None) -> tuple[Path, Path, Path]:
+def build_inputs(cfg: Config, root: Path, images: int, aspects: list[float] | None = None,
+                 timings: dict | None = None) -> tuple[Path, Path, Path]:
     """Prepared data, model folder and latent cache under `root` (kept between runs); photos of
-    `cache.resolution`² pixels at each of `aspects` (width / height) in turn, or all (res+64) x res."""
+    `cache.resolution`² pixels at each of `aspects` (width / height) in turn, or all (res+64) x res.
+    `timings` gets the seconds of the stages run here and the cache's bytes per sample."""
+    timings = {} if timings is None else timings
     data, model, latents = root / "data", root / "model", root / "latents"
     if not (root / "jpegs").is_dir():
         res = cfg.cache.resolution
@@ -74,9 +77,15 @@ def build_inputs(cfg: Config, root: Path, images: int, aspects: list[float] | No
     if not (data / "manifest.json").is_file():
         prepare(cfg, data)
     if not (model / "model_index.json").is_file():
+        started = time.time()
         fetch_model(cfg, model, data)
+        timings["fetch_model_s"] = round(time.time() - started, 1)
     if not (latents / "manifest.json").is_file():
+        started = time.time()
         cache(cfg, data, model, latents)
+        timings["cache_s"] = round(time.time() - started, 1)
+        shards = sum(f.stat().st_size for f in latents.glob("*.tar"))
+        timings |= {"cache_images": images, "shard_bytes_per_sample": round(shards / images)}
     return data, model, latents
 
 
@@ -95,7 +104,8 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     family.set_checkpointing(unet, checkpointed_blocks(model_dir, t.gradient_checkpointing))
     stream = LatentStream(latent_dir, t.seed, micro_batch=t.micro_batch)
     if t.compile:
-        compile_forward(unet, t.compile_shapes, stream.shapes, t.activation_memory_budget)
+        compile_forward(unet, t.compile_shapes, stream.shapes, t.activation_memory_budget,
+                        compiled_blocks(unet, t.compile_scope))
     unet.train()
     trained = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
@@ -145,7 +155,7 @@ def plain_pytorch(cfg: Config, model_dir: Path, latent_dir: Path, steps: int, wa
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 1), "warmup_s": round(warmup_s, 1),
+    result = {"img_s": round(t.micro_batch * (steps - warmup) / seconds, 2), "warmup_s": round(warmup_s, 1),
               "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
               "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None}
     if t.compile:
@@ -199,12 +209,13 @@ def train_stage(cfg: Config, data: Path, model: Path, latents: Path, run_dir: Pa
         shutil.copytree(run_dir / "profile", kept)
     shutil.rmtree(run_dir, ignore_errors=True)  # a full fine-tune's checkpoint is ~15 GB
     first = records[0]  # its window holds the compilation
-    return {"gpus": gpus, "img_s": round(images / seconds, 1), "img_s_per_gpu": round(images / seconds / gpus, 1),
+    return {"gpus": gpus, "img_s": round(images / seconds, 2), "img_s_per_gpu": round(images / seconds / gpus, 2),
             **{k: result[k] for k in ("precision", "zero_stage", "micro_batch", "lr")},
             "first_window_s": round(result["global_batch"] * first["step"] / first["images_per_s"], 1),
             "checkpoint_s": result["last_checkpoint_s"], "compiled_graphs": result.get("compiled_graphs"),
             "peak_allocated_gb": result["peak_gpu_allocated_gb"], "peak_reserved_gb": result["peak_gpu_reserved_gb"],
-            "final_loss": result["final_loss"], "wall_s": round(time.time() - started, 1), "profile": profile}
+            "final_loss": result["final_loss"], "attention": result.get("attention"),
+            "wall_s": round(time.time() - started, 1), "profile": profile}
 
 
 def progress(what: str, value) -> None:
@@ -246,13 +257,14 @@ def main() -> None:
     given = bench_config(args, root)  # `auto` left for each stage to resolve for its own GPUs
     started = time.time()
     aspects = [float(a.split(":")[0]) / float(a.split(":")[1]) for a in args.aspects.split(",")] if args.aspects else None
-    data, model, latents = build_inputs(given, root, args.images, aspects)
+    timings: dict = {}
+    data, model, latents = build_inputs(given, root, args.images, aspects, timings)
     cfg = resolve(given, Hardware(1, torch.cuda.is_available(), None, "one GPU"), family_of(model),
                   native_resolution(model))[0]  # what one rank (and the plain loop) runs
     if torch.cuda.is_available():  # the cache stage's VAE left ~38 GB in this process's allocator: the
         torch.cuda.empty_cache()   # train stage's process (micro-batch 64) ran out of memory beside it on an H100
     setup_s = round(time.time() - started, 1)
-    progress("setup_s", setup_s)
+    progress("setup", {"setup_s": setup_s, **timings})
     # A full fine-tune's checkpoint is ~15 GB: written to memory where there is room, it costs less. Not
     # when the optimizer lives in host memory already: SDXL's CPU-offloaded full fine-tune on a 128 GiB
     # host was killed by the OOM killer (122 GiB used) writing its checkpoint to /dev/shm.
@@ -264,11 +276,11 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
               "model": args.model, "resolution": args.resolution, "overrides": args.set, "aspects": args.aspects,
               "train": {k: getattr(cfg.train, k) for k in ("micro_batch", "grad_accum", "precision", "zero_stage",
-                                                             "offload_optimizer", "offload_optimizer_ratio", "compile", "compile_shapes",
+                                                             "offload_optimizer", "offload_optimizer_ratio", "compile", "compile_scope", "compile_shapes",
                                                              "activation_memory_budget",
                                                              "gradient_checkpointing", "mode", "memory_cap_gb",
                                                              "expandable_segments")},
-              "ema": {"decay": cfg.ema.decay, "offload": cfg.ema.offload}, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s}
+              "ema": {"decay": cfg.ema.decay, "offload": cfg.ema.offload}, "steps": args.steps, "warmup": args.warmup, "setup_s": setup_s, "setup": timings}
     if not args.no_baseline:
         result["plain_pytorch"] = plain_pytorch(cfg, model, latents, args.steps, args.warmup,
                                                  root / "profile-plain")

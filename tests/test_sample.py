@@ -126,6 +126,8 @@ def test_grids_base_comparison_checkpoints_and_metrics(built, trained, tmp_path)
     assert metrics["checkpoints"]["4"]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)  # last = merged
     assert metrics["base"]["digit_images_scored"] == 4
     assert metrics["digit_images_scored"] == 4 and metrics["digit_accuracy"] == pytest.approx(digit_accuracy_of(out))
+    assert set(metrics["digit_spread_per_prompt"]) == set(tiny_config().sample.prompts)  # 2 seeds a prompt: spread
+    assert "digit_spread" in metrics["base"] and "digit_precision" in metrics  # 4 images > k = 3
 
     # CLIP score, recomputed through CLIPModel's forward: 100 x cosine(image, its own prompt), floored at 0.
     assert metrics["clip_model"] == str(clip)
@@ -182,3 +184,43 @@ def test_validation_hold_out_adapts_to_the_data_set(built):
     assert len(Validator(tiny_config(), built["latents"], built["model"], "v_prediction").samples) == 64  # auto
     none = Validator(tiny_config("train.val_samples=0"), built["latents"], built["model"], "v_prediction")
     assert none.samples == [] and "train.val_samples=0 for 1797 cached samples" in none.skipped
+
+
+def real_digits(per_class: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+    """`per_class` real digits of each class drawn at random (neighbours in sklearn's order are often
+    one writer's), rendered as the data set renders them (32 px), with their prompts."""
+    from sklearn.datasets import load_digits
+
+    from workflow.sources import render_digit
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    images, prompts = [], []
+    for d in range(10):
+        for i in rng.choice(np.flatnonzero(digits.target == d), per_class, replace=False):
+            images.append(render_digit(digits.data[i], 32))
+            prompts.append(f"a handwritten digit {d}")
+    return images, prompts
+
+
+def test_spread_is_near_one_for_real_digits_and_falls_as_samples_collapse():
+    """digit_spread / precision / recall (workflow/metrics.py) on real digits as if sampled, then with
+    each prompt's images collapsing onto fewer distinct ones. Bugs caught: a spread that does not see
+    one image repeated for every seed (digit_accuracy cannot: it scores 1.0 there), a recall that
+    stays high when the variety is gone, a ratio against the wrong class's real spread."""
+    from workflow.metrics import digit_spread
+
+    images, prompts = real_digits(10, seed=1)
+    real = digit_spread(images, prompts)
+    assert 0.85 <= real["digit_spread"] <= 1.15 and real["digit_precision"] >= 0.8 and real["digit_recall"] >= 0.8, real
+    previous = real
+    for distinct in (5, 2, 1):  # each prompt's 10 images drawn from its first `distinct` ones
+        collapsed = digit_spread([images[i - i % 10 + i % distinct] for i in range(len(images))], prompts)
+        assert collapsed["digit_spread"] < previous["digit_spread"] and collapsed["digit_recall"] <= previous["digit_recall"]
+        previous = collapsed
+    assert previous["digit_spread"] == 0 and previous["digit_recall"] <= 0.2, previous
+    # each prompt against its own class: the real 0s vary least (21.6 against 27.6-35.3), the 1s most,
+    # and real digits of every class score about 1 (against all digits' spread the 0s would score 0.7)
+    spreads = real["digit_real_spread_per_digit"]
+    assert min(spreads, key=spreads.get) == "0" and max(spreads, key=spreads.get) == "1"
+    assert all(0.8 <= v <= 1.25 for v in real["digit_spread_per_prompt"].values()), real["digit_spread_per_prompt"]

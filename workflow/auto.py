@@ -24,12 +24,12 @@ import math
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .config import AUTO, DEFAULT_CARD_GB, TINY_BUILTINS, Config, ConfigError, validate_layers
-from .families import FAMILIES, TINY_DEFAULTS, TINY_SAMPLES, AutoDefaults, Family
+from .families import FAMILIES, SLICED_BUILTIN_PARAMETERS_B, TINY_DEFAULTS, TINY_SAMPLES, AutoDefaults, Family
 from .gpus import visible_gpus
 
 CPU_SAMPLE_BATCH = 50  # the CPU demo's: 100 tiny images in two pipeline calls
@@ -98,6 +98,8 @@ def defaults_for(cfg: Config, family: Family | None) -> AutoDefaults | None:
     """The tiny builtins keep the CPU demo's settings; other models their family's; None: not known yet."""
     if cfg.model.pretrained in TINY_BUILTINS:
         return TINY_DEFAULTS
+    if family and cfg.model.pretrained in SLICED_BUILTIN_PARAMETERS_B:
+        return replace(family.defaults, parameters_b=SLICED_BUILTIN_PARAMETERS_B[cfg.model.pretrained])
     return family.defaults if family else None
 
 

@@ -112,8 +112,18 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
     scale_zero0_fp16_loss(engine)
     if cfg.train.compile:
         use_compile_cache(cfg.train.compile_cache)
-        compile_forward(unet, cfg.train.compile_shapes, shapes, cfg.train.activation_memory_budget)
+        compile_forward(unet, cfg.train.compile_shapes, shapes, cfg.train.activation_memory_budget,
+                        compiled_blocks(unet, cfg.train.compile_scope))
     return engine, lr_sched
+
+
+def compiled_blocks(model: torch.nn.Module, scope: str) -> list[str] | None:
+    """The submodules train.compile_scope compiles one by one (None: the whole forward)."""
+    if scope == "model":
+        return None
+    from .families import family_of_denoiser
+
+    return family_of_denoiser(model).blocks(model.config)
 
 
 def use_compile_cache(folder: str | None) -> None:
@@ -124,7 +134,7 @@ def use_compile_cache(folder: str | None) -> None:
 
 
 def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1,
-                    activation_memory_budget: float | None = None) -> None:
+                    activation_memory_budget: float | None = None, blocks: list[str] | None = None) -> None:
     """torch.compile `module.forward` in place; state-dict names stay the same. Only forward: compiling
     the whole call (nn.Module.compile, DeepSpeed's engine.compile) also traces DeepSpeed's forward
     hooks, where Dynamo breaks the graph five times (a ZeroStageEnum comparison it cannot trace).
@@ -134,7 +144,12 @@ def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1
     limit (8) would otherwise stop compiling past 8 graphs and run the rest eagerly, silently slow.
 
     `activation_memory_budget` (train.activation_memory_budget) is torch's process-wide setting, read
-    when the first call partitions the graph into forward and backward."""
+    when the first call partitions the graph into forward and backward.
+
+    `blocks` (train.compile_scope: blocks): compile the forward of each of these submodules instead of
+    the whole. Dynamo keys its cache on the code object and, with nn-module inlining (torch >= 2.5's
+    default), guards on the parameters' shapes rather than the module's identity, so the blocks of one
+    class share one graph per shape: the recompile limits count graphs per block class."""
     if activation_memory_budget is not None:
         import torch._functorch.config as functorch
 
@@ -142,7 +157,12 @@ def compile_forward(module: torch.nn.Module, mode: str = "auto", shapes: int = 1
     if mode == "per_bucket":
         import torch._dynamo.config as dynamo
 
-        dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * shapes + 2)
-        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * shapes + 8)
+        # per shape, a graph with gradients and one without (the validation loss); compiled blocks: twice
+        # that, as the first block of a run of siblings can see its input with other strides (FLUX's
+        # first single-stream block gets a view of the double-stream output)
+        per_shape = 4 if blocks else 2
+        dynamo.recompile_limit = max(dynamo.recompile_limit, per_shape * shapes + 2)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 2 * per_shape * shapes + 8)
     dynamic = {"auto": None, "dynamic": True, "per_bucket": False}[mode]
-    module.forward = torch.compile(module.forward, dynamic=dynamic)
+    for target in [module.get_submodule(name) for name in blocks] if blocks else [module]:
+        target.forward = torch.compile(target.forward, dynamic=dynamic)

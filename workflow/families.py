@@ -250,6 +250,9 @@ BUILTIN_FAMILIES = {"builtin:tiny": "sd1", "builtin:tiny-sd2": "sd2", "builtin:t
                     "builtin:sd15-arch": "sd1", "builtin:sdxl-arch": "sdxl"}
 TINY_BUILTINS = {"builtin:tiny": "sd1", "builtin:tiny-sd2": "sd2", "builtin:tiny-xl": "sdxl"}
 ARCH_BUILTINS = {"builtin:sd15-arch": "workflow.models:build_sd15_arch", "builtin:sdxl-arch": "workflow.models:build_sdxl_arch"}
+# Arch builtins whose denoiser is a slice of the family's (fewer blocks), billions of parameters: what
+# a full fine-tune's states are checked against instead of the family's whole model.
+SLICED_BUILTIN_PARAMETERS_B: dict[str, float] = {}
 
 
 def component_config(model_dir: Path, component: str) -> dict:
@@ -293,6 +296,16 @@ def family_of_pipeline(pipe) -> Family:
     if len(PIPELINES[name]) == 1:
         return FAMILIES[PIPELINES[name][0]]
     return FAMILIES["sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"]
+
+
+def family_of_denoiser(model) -> Family:
+    """A family whose denoiser is `model`'s class (SD 1.x/2.x/XL share the UNet's class and what the
+    stages ask of it: its blocks)."""
+    name = type(model).__name__
+    found = next((f for f in FAMILIES.values() if f.denoiser_class == name), None)
+    if found is None:
+        raise UnknownModel(f"a {name}: not a denoiser of a model family this workflow trains")
+    return found
 
 
 # Keys that tell the families apart in an original-layout single file (the ones diffusers'

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from .families import (ARCH_BUILTINS, BUILTIN_FAMILIES, BUILTIN_RESOLUTIONS, FAMILIES, TINY_BUILTINS, AutoDefaults, Family,
+from .families import (ARCH_BUILTINS, BUILTIN_FAMILIES, BUILTIN_RESOLUTIONS, FAMILIES, SLICED_BUILTIN_PARAMETERS_B, TINY_BUILTINS, AutoDefaults, Family,
                        TextEncoderLayout, component_config)
 
 FLOW = "flow"  # the prediction type merge.json and train.json record for flow-matching models
@@ -230,10 +230,15 @@ FLUX = FluxFamily("flux", "flux-1-dev", "https://github.com/black-forest-labs/fl
                                      tokenizer_class="T5Tokenizer", pad_token="<pad>")),
                   "flux", "flux1", "", "FluxPipeline", FLUX_DEFAULTS)
 FAMILIES[FLUX.name] = FLUX
-BUILTIN_FAMILIES |= {"builtin:tiny-flux": "flux", "builtin:flux-arch": "flux"}
+# flux-arch-DxS: FLUX.1-dev's shapes with D double- and S single-stream blocks (of 19 and 38), for what
+# the whole 12 B model cannot show on one card (a full fine-tune's memory and time per block).
+FLUX_ARCH_SLICES = {"builtin:flux-arch-2x4": (2, 4, 1.310), "builtin:flux-arch-4x8": (4, 8, 2.556)}
+BUILTIN_FAMILIES |= {"builtin:tiny-flux": "flux", "builtin:flux-arch": "flux"} | dict.fromkeys(FLUX_ARCH_SLICES, "flux")
 TINY_BUILTINS["builtin:tiny-flux"] = "flux"
 ARCH_BUILTINS["builtin:flux-arch"] = "workflow.flux:build_flux_arch"
-BUILTIN_RESOLUTIONS |= {"builtin:tiny-flux": 32, "builtin:flux-arch": 1024}
+ARCH_BUILTINS |= {ref: f"workflow.flux:build_flux_arch_{ref.rsplit('-', 1)[1]}" for ref in FLUX_ARCH_SLICES}
+SLICED_BUILTIN_PARAMETERS_B |= {ref: params for ref, (_, _, params) in FLUX_ARCH_SLICES.items()}
+BUILTIN_RESOLUTIONS |= {"builtin:tiny-flux": 32, "builtin:flux-arch": 1024} | dict.fromkeys(FLUX_ARCH_SLICES, 1024)
 
 
 # ---------------------------------------------------------------- builtins
@@ -305,9 +310,18 @@ def build_tiny_flux(out_dir: Path, images: torch.Tensor, captions: list[str], st
     return report
 
 
-def build_flux_arch(out_dir: Path, seed: int = 0) -> dict:
+def build_flux_arch_2x4(out_dir: Path) -> dict:
+    return build_flux_arch(out_dir, blocks=FLUX_ARCH_SLICES["builtin:flux-arch-2x4"][:2])
+
+
+def build_flux_arch_4x8(out_dir: Path) -> dict:
+    return build_flux_arch(out_dir, blocks=FLUX_ARCH_SLICES["builtin:flux-arch-4x8"][:2])
+
+
+def build_flux_arch(out_dir: Path, seed: int = 0, blocks: tuple[int, int] = (19, 38)) -> dict:
     """builtin:flux-arch: FLUX.1-dev's architecture with random weights (benchmarks only): the 12 B
-    transformer (bf16: 24 GB on disk), CLIP ViT-L, T5-XXL's encoder (4.7 B), the 16-channel VAE."""
+    transformer (bf16: 24 GB on disk), CLIP ViT-L, T5-XXL's encoder (4.7 B), the 16-channel VAE.
+    `blocks`: double- and single-stream blocks (the slices' fewer)."""
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
@@ -320,7 +334,8 @@ def build_flux_arch(out_dir: Path, seed: int = 0) -> dict:
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 17 B weights: on the GPU
         text_encoder = clip_text_encoder(tokenizer, **CLIP_L).to(torch.bfloat16)
         text_encoder_2 = t5_encoder(tokenizer_2, **T5_XXL).to(torch.bfloat16)
-        transformer = FluxTransformer2DModel(guidance_embeds=True).to(torch.bfloat16)
+        transformer = FluxTransformer2DModel(num_layers=blocks[0], num_single_layers=blocks[1],
+                                             guidance_embeds=True).to(torch.bfloat16)
         vae = sd_vae(**FLUX_VAE)
     FluxPipeline(scheduler=flow_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,

@@ -28,7 +28,7 @@ from .config import AUTO, DIGIT_PROMPTS, Config
 from .fsutil import atomic_dir, read_json, write_json
 from .gpu_memory import cap_gpu_memory, peak_gpu_memory
 from .latents import decode_latent_sample, read_verified_shard, validation_samples
-from .metrics import clip_score, digit_accuracy, validation_loss
+from .metrics import clip_score, digit_accuracy, digit_spread, validation_loss
 from .families import family_of, family_of_pipeline
 from .models import check_model_dir, latent_scaling, load_pipeline as load_family_pipeline
 
@@ -192,6 +192,11 @@ def reference_image(pipe, sample: dict) -> Image.Image:
     return Image.fromarray(array)
 
 
+def digit_scores(images: list[Image.Image], prompts: list[str], prompt_digits: dict[str, int] | None) -> dict:
+    """Whether the images draw the digits asked for, and how varied they are (workflow/metrics.py)."""
+    return (digit_accuracy(images, prompts, prompt_digits) or {}) | (digit_spread(images, prompts, prompt_digits) or {})
+
+
 def scores_digits(cfg: Config) -> bool:
     """digit_accuracy is computed where the data are digits (or a prompt is given a digit to draw)."""
     digits = (*DIGIT_SOURCES, "builtin:sevens")
@@ -228,7 +233,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         metrics["val_loss_skipped"] = validate.skipped
     prompts = [s.prompts[pi] for pi, _, _ in jobs]
     if scores_digits(cfg):
-        metrics |= digit_accuracy([images[j] for j in jobs], prompts, s.prompt_digits) or {}
+        metrics |= digit_scores([images[j] for j in jobs], prompts, s.prompt_digits)
     else:
         metrics["digit_accuracy_skipped"] = f"the data ({cfg.data.source}) are not digits"
     if len(sizes) > 1 and scores_digits(cfg):
@@ -255,7 +260,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         base_images = generate(base, cfg, jobs, device)
         metrics["base"] = {"val_loss": validate(base, device)}
         if scores_digits(cfg):
-            metrics["base"] |= digit_accuracy([base_images[j] for j in jobs], prompts, s.prompt_digits) or {}
+            metrics["base"] |= digit_scores([base_images[j] for j in jobs], prompts, s.prompt_digits)
         rows = [row + [base_images[j] for j in row_job] for row, row_job in zip(rows, row_jobs)]
         columns += [f"base s{seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
         del base
@@ -276,7 +281,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         if checkpoint_grid:
             checkpoint_grid.save(tmp / "checkpoints.png")
         write_json(tmp / "metrics.json", metrics)
-    summary = [f"{k} {metrics[k]:.4f}" for k in ("val_loss", "digit_accuracy", "clip_score") if metrics.get(k) is not None]
+    summary = [f"{k} {metrics[k]:.4f}" for k in ("val_loss", "digit_accuracy", "digit_spread", "clip_score") if metrics.get(k) is not None]
     print(f"sample: {len(images)} images -> {out}; " + ", ".join(summary))
     return metrics
 
