@@ -36,6 +36,12 @@ def test_the_demo_keeps_its_settings_on_the_cpu():
         (2e-3, 32, "fp32", 0, False, False)
     c = resolved(cfg(), CPU, "sd1", 32)
     assert (c.run, c.cache.batch_size, c.sample.batch_size, c.cache.resolution) == ("digits-tiny", 64, 50, 32)
+    # issue 51: the default run decays its rate and samples at 1.25 (at 4.0 the seeds drew one digit);
+    # the other tiny builtins and real models keep a constant rate and 4.0 (not measured for spread)
+    assert (c.train.lr_schedule, c.sample.guidance_scale) == ("cosine", 1.25)
+    for other, family in (("model.pretrained=builtin:tiny-xl", "sdxl"), ("model.pretrained=/models/sd15", "sd1")):
+        o = resolved(cfg(other), CPU, family, 32)
+        assert (o.train.lr_schedule, o.sample.guidance_scale) == ("constant", 4.0)
 
 
 def test_a_real_model_gets_its_familys_settings_not_the_demos():
@@ -75,13 +81,14 @@ def test_explicit_values_are_never_replaced():
 
 
 def test_steps_from_the_data_set():
-    """train.steps auto: 100 epochs, at most 100,000 samples; the tiny builtins keep the demo's 19,200
-    samples (300 steps at 2 x 32, 600 on one rank); train.epochs overrides."""
+    """train.steps auto: 100 epochs, at most 100,000 samples; the default run (builtin:tiny) sees 28,800
+    samples (450 steps at 2 x 32, 900 on one rank), the other tiny builtins 19,200; train.epochs overrides."""
     real = cfg("model.pretrained=/m")
     assert steps_for(real, 833, 64)[:2] == (1302, 100)  # Pokemon: 100 x 833 / 64
     assert steps_for(real, 10, 4)[:2] == (250, 25)  # DreamBooth: 10 images, 4 per step
     assert steps_for(real, 50_000, 64)[0] == round(100_000 / 64)  # a large set: the sample budget
-    assert steps_for(cfg(), 1733, 64)[:2] == (300, 50) and steps_for(cfg(), 1733, 32)[0] == 600
+    assert steps_for(cfg(), 1733, 64)[:2] == (450, 50) and steps_for(cfg(), 1733, 32)[0] == 900
+    assert steps_for(cfg("model.pretrained=builtin:tiny-xl"), 1733, 64)[:2] == (300, 50)
     assert steps_for(cfg("model.pretrained=/m", "train.epochs=2"), 833, 64)[0] == 26
     assert steps_for(cfg("train.steps=7", "train.warmup_steps=3"), 10, 1)[:2] == (7, 3)
 

@@ -16,6 +16,8 @@ by their stage: `train.steps` (from the data set's size) and `sample.prompts` (f
 | train.compile | on a GPU where the family was measured compiled (SD 1.x/2.x); off on the CPU |
 | cache.batch_size | the family's |
 | sample.batch_size | what fits the card by the family's measured sampling memory; 50 on the CPU |
+| train.lr_schedule | constant; the default run (builtin:tiny): cosine |
+| sample.guidance_scale | 4.0; the default run (builtin:tiny): 1.25 (docs/sampling.md) |
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AUTO, DEFAULT_CARD_GB, TINY_BUILTINS, Config, ConfigError, validate_layers
-from .families import FAMILIES, SLICED_BUILTIN_PARAMETERS_B, TINY_DEFAULTS, TINY_SAMPLES, AutoDefaults, Family
+from .families import DEMO_DEFAULTS, FAMILIES, SLICED_BUILTIN_PARAMETERS_B, TINY_DEFAULTS, AutoDefaults, Family
 from .gpus import visible_gpus
 
 CPU_SAMPLE_BATCH = 50  # the CPU demo's: 100 tiny images in two pipeline calls
@@ -96,6 +98,8 @@ class Choice:
 
 def defaults_for(cfg: Config, family: Family | None) -> AutoDefaults | None:
     """The tiny builtins keep the CPU demo's settings; other models their family's; None: not known yet."""
+    if cfg.model.pretrained == "builtin:tiny":  # the default run's: measured for accuracy and spread
+        return DEMO_DEFAULTS
     if cfg.model.pretrained in TINY_BUILTINS:
         return TINY_DEFAULTS
     if family and cfg.model.pretrained in SLICED_BUILTIN_PARAMETERS_B:
@@ -112,7 +116,8 @@ def resolve(cfg: Config, hw: Hardware, family: Family | None, resolution: int | 
     d = defaults_for(cfg, family)
     t = cfg.train
     update: dict[str, dict[str, Any]] = {"train": {}, "cache": {}, "sample": {}}
-    family_name = "the tiny builtins" if d is TINY_DEFAULTS else (family.name if family else "")
+    tiny = d in (TINY_DEFAULTS, DEMO_DEFAULTS)
+    family_name = ("the default run" if d is DEMO_DEFAULTS else "the tiny builtins") if tiny else (family.name if family else "")
 
     def choose(section: str | None, key: str, value: Any, why: str) -> None:
         if section is None:
@@ -156,13 +161,20 @@ def resolve(cfg: Config, hw: Hardware, family: Family | None, resolution: int | 
         if t.lr == AUTO:
             lr = d.lr_lora if t.mode == "lora" else d.lr_full
             choose("train", "lr", lr, f"{family_name} {t.mode}: {d.lr_source}")
+        if t.lr_schedule == AUTO:
+            choose("train", "lr_schedule", d.lr_schedule, f"{family_name}: " + (
+                "decaying to 0 drew more varied digits at the same accuracy (docs/sampling.md)"
+                if d.lr_schedule == "cosine" else "diffusers' training scripts' default"))
+        if cfg.sample.guidance_scale == AUTO:
+            choose("sample", "guidance_scale", d.guidance_scale, f"{family_name}: " + (
+                "the digits' accuracy kept with their variety (docs/sampling.md)" if d is DEMO_DEFAULTS
+                else "this project's default"))
         if t.gradient_checkpointing == AUTO:
             choose("train", "gradient_checkpointing", d.gradient_checkpointing, f"{family_name}: measured with it "
                    f"{'on' if d.gradient_checkpointing else 'off'} at its micro-batch")
         if cfg.cache.batch_size == AUTO:
             choose("cache", "batch_size", d.cache_batch, f"{family_name}: images per VAE forward")
         res = cfg.cache.resolution if cfg.cache.resolution != AUTO else resolution
-        tiny = d is TINY_DEFAULTS
         if t.micro_batch == AUTO and (res or tiny):
             mb = d.micro_batch if tiny else scaled_micro_batch(d, res)
             choose("train", "micro_batch", mb, "the CPU demo's" if tiny else
@@ -265,7 +277,8 @@ def steps_for(cfg: Config, samples: int, per_step: int) -> tuple[int, int, str]:
     elif t.epochs != AUTO:
         steps, why = max(1, round(t.epochs * samples / per_step)), f"train.epochs {t.epochs:g} x {samples} samples"
     elif tiny:
-        steps, why = max(1, round(TINY_SAMPLES / per_step)), f"the tiny builtins' {TINY_SAMPLES:,} samples"
+        seen = defaults_for(cfg, None).demo_samples
+        steps, why = max(1, round(seen / per_step)), f"the tiny builtins' {seen:,} samples"
     else:
         seen = min(100 * samples, 100_000)
         steps = max(1, round(seen / per_step))

@@ -236,7 +236,8 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     lr: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto", description="AdamW learning rate after warm-up; auto: the family's rate for full or LoRA training")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="after warm-up; linear/cosine decay to 0")
+    lr_schedule: Literal["constant", "linear", "cosine"] | Auto = Field(
+        "auto", description="after warm-up; linear/cosine decay to 0; auto: constant (the default run: cosine)")
     warmup_steps: Annotated[int, Field(ge=0)] | Auto = Field(
         "auto", description="linear LR warm-up, in optimizer steps; auto: a tenth of the steps, at most 100 (50 for the "
         "tiny builtins)")
@@ -413,7 +414,9 @@ class SampleConfig(Section):
     seeds: list[int] = Field(default_factory=lambda: list(range(10)), min_length=1)
     negative_prompt: str = Field("", description="what guidance steers away from; empty: the unconditional caption")
     steps: int = Field(25, ge=1, description="denoising steps")
-    guidance_scale: float = Field(4.0, ge=0)
+    guidance_scale: Annotated[float, Field(ge=0)] | Auto = Field(
+        "auto", description="classifier-free guidance scale; auto: 4.0 (the default run: 1.25, where it keeps the "
+        "digits' variety)")
     scheduler: Literal["auto", "ddim", "dpm++", "euler", "pndm"] = Field(
         "auto", description="auto: the family's (DDIM for SD 1.x/2.x/SDXL; FLUX's flow-matching Euler, its only one); "
         "dpm++: DPM-Solver++ multistep")

@@ -143,8 +143,8 @@ def metadata(cfg: Config, family: Family, info: dict, dataset_count: int, predic
             "modelspec.date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "ss_base_model_version": family.lora_version, "ss_sd_model_name": cfg.model_name,
             "ss_v2": str(family.lora_version == "sd_v2"), "ss_v_parameterization": str(v),
-            "ss_max_train_steps": str(info["final_step"]), "ss_learning_rate": str(t.lr),
-            "ss_lr_scheduler": t.lr_schedule, "ss_lr_warmup_steps": str(t.warmup_steps),
+            "ss_max_train_steps": str(info["final_step"]), "ss_learning_rate": str(info.get("lr", t.lr)),
+            "ss_lr_scheduler": info.get("lr_schedule", t.lr_schedule), "ss_lr_warmup_steps": str(info.get("warmup_steps", t.warmup_steps)),
             "ss_total_batch_size": str(info["global_batch"]), "ss_mixed_precision": t.precision,
             "ss_seed": str(t.seed), "ss_resolution": f"({res}, {res})", "ss_num_train_images": str(dataset_count),
             "ss_dataset_name": cfg.dataset_name, "ss_training_comment": f"run {cfg.run}, ZeRO-{t.zero_stage}, "
