@@ -106,13 +106,15 @@ def test_stage3_keys_are_refused_below_stage_3():
 
 
 def test_lr_schedules_count_optimizer_steps():
-    t = tiny_config("train.steps=110", "train.warmup_steps=10").train
+    t = tiny_config("train.steps=110", "train.warmup_steps=10", "train.lr_schedule=constant").train
     assert [lr_factor(t, s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]  # warm-up, never scaled by ranks
     assert lr_factor(t, 109) == 1.0  # constant
     lin = t.model_copy(update={"lr_schedule": "linear"})
     assert lr_factor(lin, 10) == 1.0 and lr_factor(lin, 60) == pytest.approx(0.5)
     cos = t.model_copy(update={"lr_schedule": "cosine"})
     assert lr_factor(cos, 60) == pytest.approx(0.5) and lr_factor(cos, 110) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="auto"):  # bug caught: an unresolved `auto` silently run as cosine
+        lr_factor(t.model_copy(update={"lr_schedule": "auto"}), 60)
 
 
 def test_min_snr_weights():

@@ -16,8 +16,8 @@ by their stage: `train.steps` (from the data set's size) and `sample.prompts` (f
 | train.compile | on a GPU where the family was measured compiled (SD 1.x/2.x); off on the CPU |
 | cache.batch_size | the family's |
 | sample.batch_size | what fits the card by the family's measured sampling memory; 50 on the CPU |
-| train.lr_schedule | constant; the default run (builtin:tiny): cosine |
-| sample.guidance_scale | 4.0; the default run (builtin:tiny): 1.25 (docs/sampling.md) |
+| train.lr_schedule | constant; the default run (builtin:tiny on builtin:digits): cosine |
+| sample.guidance_scale | 4.0; the default run (builtin:tiny on builtin:digits): 1.25 (docs/sampling.md) |
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class Choice:
 
 def defaults_for(cfg: Config, family: Family | None) -> AutoDefaults | None:
     """The tiny builtins keep the CPU demo's settings; other models their family's; None: not known yet."""
-    if cfg.model.pretrained == "builtin:tiny":  # the default run's: measured for accuracy and spread
-        return DEMO_DEFAULTS
+    if (cfg.model.pretrained, cfg.data.source) == ("builtin:tiny", "builtin:digits"):  # the default run's: measured
+        return DEMO_DEFAULTS                                                          # for accuracy and spread
     if cfg.model.pretrained in TINY_BUILTINS:
         return TINY_DEFAULTS
     if family and cfg.model.pretrained in SLICED_BUILTIN_PARAMETERS_B:

@@ -237,7 +237,8 @@ class TrainConfig(Section):
     lr: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto", description="AdamW learning rate after warm-up; auto: the family's rate for full or LoRA training")
     lr_schedule: Literal["constant", "linear", "cosine"] | Auto = Field(
-        "auto", description="after warm-up; linear/cosine decay to 0; auto: constant (the default run: cosine)")
+        "auto", description="after warm-up; linear/cosine decay to 0; auto: constant (the default run, builtin:tiny on "
+        "the digits: cosine)")
     warmup_steps: Annotated[int, Field(ge=0)] | Auto = Field(
         "auto", description="linear LR warm-up, in optimizer steps; auto: a tenth of the steps, at most 100 (50 for the "
         "tiny builtins)")

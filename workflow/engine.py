@@ -90,7 +90,9 @@ def lr_factor(t: TrainConfig, step: int) -> float:
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
     if t.lr_schedule == "linear":
         return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if t.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"train.lr_schedule {t.lr_schedule!r} reached the optimizer unresolved (workflow/auto.py resolves auto)")
 
 
 def make_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
