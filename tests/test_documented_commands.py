@@ -450,7 +450,7 @@ def test_default_run_as_the_readme_shows(tmp_path):
     nothing = run_documented("snakemake -n", repo)
     assert nothing.returncode == 0 and jobs(nothing) == set(), nothing.stdout
     steps = json.loads((run / "train.json").read_text())["final_step"]
-    assert steps == 300  # train.steps auto: the tiny builtins' 19,200 samples at 2 ranks x 32
+    assert steps == 450  # train.steps auto: the default run's 28,800 samples at 2 ranks x 32 (issue 51)
     changed = run_documented(f"snakemake -n --config train__steps={steps + 2}", repo)
     assert jobs(changed) == {"train", "ema", "sample", "export", "report_files", "all"}, changed.stdout
     merge_only = run_documented("snakemake -n --config ema__use=false", repo)
