@@ -296,7 +296,8 @@ class TrainConfig(Section):
         "model", description="with train.compile, what is compiled: model: the denoiser's whole forward (one "
         "graph: the fastest steady state measured for SD 1.5); blocks: each repeated block's forward (the "
         "family's block list), sibling blocks of one class sharing a graph, so compiling costs one graph per "
-        "block class instead of the whole model (FLUX.1's 57 blocks: two graphs)")
+        "block class instead of the whole model (FLUX.1's 57 blocks: three graphs a shape, its first single-stream "
+        "block seeing its input with other strides)")
     compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
         "per_bucket", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
         "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "
