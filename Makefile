@@ -53,9 +53,10 @@ test-e2e: install
 test-slurm: install
 	$(VENV)/bin/python -m pytest -m slurm $(PYTEST_ARGS)
 
-# Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs).
+# Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs); and
+# resuming ZeRO-0/1/3 checkpoints on another number of ranks (tests/test_reshape.py; ZeRO-2 is in make test).
 test-faults: install
-	$(VENV)/bin/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m faults tests/faults tests/test_reshape.py $(PYTEST_ARGS)
 
 # FLUX.1 on the CPU (builtin:tiny-flux): 2-rank full ZeRO-3 and LoRA ZeRO-2 runs merged and loaded by
 # diffusers, a killed run resumed bitwise, and the digits end to end (square and bucketed).

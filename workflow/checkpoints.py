@@ -8,6 +8,14 @@
 
 A kill at any moment leaves either the previous checkpoint as `latest` or the new one complete.
 Tags without meta.json are half-written and are deleted before the next run starts.
+
+A checkpoint resumes on another number of ranks when the global batch stays the same (micro-batch x
+gradient accumulation x ranks; e.g. 2 ranks -> 1 with train.grad_accum doubled): ZeRO-1/2/3
+checkpoints are first converted once into DeepSpeed's universal checkpoint (`<tag>/universal`,
+deepspeed.checkpoint.ds_to_universal), which the engine re-partitions for the new ranks on load
+(checkpoint.load_universal); ZeRO-0 keeps the whole optimizer state in rank 0's file and loads as
+it is. The EMA shards of every old rank are reassembled and cut anew; the data stream finishes the
+epoch with the samples no old rank reached (workflow/latents.py, `origin`).
 """
 
 from __future__ import annotations
@@ -61,6 +69,10 @@ def latest_checkpoint(ckpt_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
+def global_batch(cfg: Config, world_size: int) -> int:
+    return cfg.train.micro_batch * cfg.train.grad_accum * world_size
+
+
 def resume_problems(cfg: Config, ckpt_dir: Path, world_size: int) -> list[str]:
     """What stops the newest checkpoint from being resumed under `cfg` (empty: resumable or none)."""
     tag = latest_checkpoint(ckpt_dir)
@@ -68,11 +80,68 @@ def resume_problems(cfg: Config, ckpt_dir: Path, world_size: int) -> list[str]:
         return []
     meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")
     now, then = training_settings(cfg), meta.get("settings", {})
+    reshaped = meta.get("world_size") != world_size
+    per_rank = {"train.micro_batch", "train.grad_accum"} if reshaped and "global_batch" in meta else set()
     changed = [f"{k}: {then.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
-               for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
-    if meta.get("world_size") != world_size:
+               for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k) and k not in per_rank]
+    if reshaped and "global_batch" not in meta:  # written before resuming on other geometries existed
         changed.append(f"ranks: {meta.get('world_size')} -> {world_size}")
+    elif reshaped and global_batch(cfg, world_size) != meta["global_batch"]:
+        accum, rest = divmod(meta["global_batch"], cfg.train.micro_batch * world_size)
+        hint = (f"set train.grad_accum={accum} to keep it" if accum and not rest else
+                f"choose train.micro_batch x train.grad_accum = {meta['global_batch'] / world_size:g} per rank")
+        changed.append(f"ranks {meta['world_size']} -> {world_size} changes the global batch {meta['global_batch']} -> "
+                       f"{global_batch(cfg, world_size)} (micro_batch x grad_accum x ranks): {hint}")
     return changed
+
+
+def resumed_progress(ckpt_dir: Path, world_size: int) -> tuple[dict[str, Any] | None, bool]:
+    """(the progress the newest complete checkpoint resumes, whether it was written by another
+    number of ranks); (None, False) without one. On another geometry the data streams continue from
+    an `origin`: where every old rank stood (workflow/latents.py), positions counting from 0 again."""
+    tag = latest_checkpoint(ckpt_dir)
+    if tag is None:
+        return None, False
+    meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")
+    progress = {k: meta[k] for k in PROGRESS_KEYS if k in meta}
+    if meta["world_size"] == world_size:
+        return progress, False
+    for stream, position, micro_batch in (("origin", "position", meta["micro_batch"]),
+                                          ("prior_origin", "prior_position", 1)):
+        progress[stream] = {"world_size": meta["world_size"], "micro_batch": micro_batch,
+                            "position": progress.get(position, 0), "origin": progress.get(stream)}
+        progress[position] = 0
+    return progress, True
+
+
+PROGRESS_KEYS = ("step", "epoch", "position", "prior_position", "bad_steps", "origin", "prior_origin")
+UNIVERSAL = "universal"  # <tag>/universal: the tag as DeepSpeed's universal checkpoint
+
+
+def to_universal(tag_dir: Path) -> Path:
+    """Convert a ZeRO-1/2/3 checkpoint into DeepSpeed's universal checkpoint, once (a folder that
+    appears only when complete); returns it."""
+    out = tag_dir / UNIVERSAL
+    if out.is_dir():
+        return out
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    partial = tag_dir / f"{UNIVERSAL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    # One worker each: the converter forks its workers, and this process may hold CUDA.
+    convert(Namespace(input_folder=str(tag_dir), output_folder=str(partial), num_extract_workers=1,
+                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    (tag_dir / "latest_universal").unlink(missing_ok=True)  # the converter's pointer, unused here
+    partial.rename(out)
+    return out
+
+
+def needs_universal(cfg: Config, ckpt_dir: Path, world_size: int) -> bool:
+    """Whether the engine must load the newest checkpoint as a universal one (another geometry, ZeRO >= 1)."""
+    _, reshaped = resumed_progress(ckpt_dir, world_size)
+    return reshaped and cfg.train.zero_stage > 0
 
 
 def prepare_dir(cfg: Config, ckpt_dir: Path, world_size: int) -> None:
@@ -89,6 +158,11 @@ def prepare_dir(cfg: Config, ckpt_dir: Path, world_size: int) -> None:
     if changed:
         raise ValueError(f"checkpoint {ckpt_dir / tag} cannot be resumed with this config; "
                          f"changed: {'; '.join(changed)}. Set train.resume=never (or a new run name) to start fresh")
+    if needs_universal(cfg, ckpt_dir, world_size):
+        meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")
+        print(f"train: checkpoint {tag} was written by {meta['world_size']} ranks; converting it for "
+              f"{world_size} (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)
+        to_universal(ckpt_dir / tag)
     # Post-hoc EMA snapshots past the step training resumes from belong to a run that is being
     # replayed (or, with no checkpoint, to an earlier run): drop them; the replay writes them again.
     resume_step = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")["step"] if tag else 0
@@ -144,6 +218,8 @@ def save(engine, ckpt_dir: Path, progress: dict[str, Any], ema, cfg: Config, wor
     torch.distributed.barrier()
     if world.is_main:
         write_json(ckpt_dir / tag / "meta.json", {**progress, "world_size": world.size,
+                                                  "micro_batch": cfg.train.micro_batch,
+                                                  "global_batch": global_batch(cfg, world.size),
                                                   "fingerprint": training_fingerprint(cfg),
                                                   "settings": training_settings(cfg)})
         with atomic_file(ckpt_dir / "latest") as f:
@@ -157,14 +233,41 @@ def save(engine, ckpt_dir: Path, progress: dict[str, Any], ema, cfg: Config, wor
     return tag
 
 
-def load(engine, ckpt_dir: Path, ema, world, lora: bool) -> dict[str, Any]:
-    """Restore engine, EMA and RNG states from the newest complete checkpoint; returns its progress."""
+def load(engine, ckpt_dir: Path, ema, world, lora: bool, universal: bool) -> None:
+    """Restore engine, EMA and RNG states from the newest complete checkpoint (its progress:
+    resumed_progress). `universal`: the engine was built to load it as a universal checkpoint."""
     tag = latest_checkpoint(ckpt_dir)
-    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not lora)
+    if universal:
+        _, client = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL)
+        steps_beside_their_parameters(engine.optimizer)
+    else:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not lora)
     if client is None:
         raise ValueError(f"checkpoint {ckpt_dir / tag} could not be loaded by DeepSpeed")
     ema.attach(engine)
-    own = torch.load(ckpt_dir / tag / f"rank{world.rank:03d}.pt", map_location="cpu", weights_only=False)
-    ema.load_state_dict(own["ema"])
-    set_rng_states(own["rng"])
-    return own["progress"]
+    own_file = ckpt_dir / tag / f"rank{world.rank:03d}.pt"
+    written_by = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")["world_size"]
+    if written_by == world.size:
+        own = torch.load(own_file, map_location="cpu", weights_only=False)
+        ema.load_state_dict(own["ema"])
+    else:
+        from .sharded_ema import load_rank_files
+
+        states = load_rank_files(ckpt_dir / tag, "EMA")
+        ema.load_resharded([state["ema"] for state in states])
+        own = states[world.rank] if world.rank < len(states) else None
+    if own is not None:  # a new rank draws from its step_generator only; the global RNGs keep the seed's
+        set_rng_states(own["rng"])
+
+
+def steps_beside_their_parameters(optimizer) -> None:
+    """DeepSpeed's universal load leaves AdamW's `step` on the CPU; torch's fused AdamW wants it on
+    its parameter's device (torch's own load_state_dict moves it there)."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(base, "defaults", {})
+    if not (defaults.get("fused") or defaults.get("capturable")):  # the others keep `step` on the CPU
+        return
+    for param, state in base.state.items():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step) and torch.is_tensor(param) and step.device != param.device:
+            state["step"] = step.to(param.device)

@@ -100,15 +100,17 @@ def make_lr_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.op
 
 
 def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: Path, device: torch.device,
-                 shapes: int = 1):
-    """(engine, lr scheduler) for the trainable parameters of `unet`; `shapes`: latent shapes it meets."""
+                 shapes: int = 1, load_universal: bool = False):
+    """(engine, lr scheduler) for the trainable parameters of `unet`; `shapes`: latent shapes it meets;
+    `load_universal`: it will load a universal checkpoint (one written by another number of ranks)."""
     import deepspeed
 
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, device)
     lr_sched = make_lr_scheduler(cfg, optimizer)
     engine, _, _, _ = deepspeed.initialize(model=unet, model_parameters=params, optimizer=optimizer,
-                                           lr_scheduler=lr_sched, config=deepspeed_config(cfg, world_size, run_dir))
+                                           lr_scheduler=lr_sched, config=deepspeed_config(cfg, world_size, run_dir)
+                                           | ({"checkpoint": {"load_universal": True}} if load_universal else {}))
     remove_step_syncs(engine.optimizer)
     lighten_zero0_step(engine, world_size)
     scale_zero0_fp16_loss(engine)

@@ -16,6 +16,12 @@ batches at the end of the epoch (fewer than `micro_batch` per bucket and rank) s
 epoch and is counted (`left_out`); the next epoch's order differs, so other samples sit out. The
 plan of an epoch is computed from the manifest alone (each shard's `bucket_of`), so the position is
 a count of micro-batches and resuming is exact as without buckets.
+
+A run resumed on another number of ranks (`origin`: the geometry and position it continues from)
+finishes the epoch it stood in with what that epoch has not shown yet: the samples no rank of the
+earlier geometry reached, in the epoch's order, split into contiguous blocks among the new ranks as
+above; positions count from there (0 = where the earlier geometry stopped), and the epochs after it
+are the ordinary ones of the new geometry. An origin may itself have an origin (a run moved twice).
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def read_verified_shard(latent_dir: Path, shard: dict) -> list[dict]:
 
 class LatentStream:
     def __init__(self, latent_dir: Path, seed: int, world_size: int = 1, rank: int = 0, val_samples: int | str = 0,
-                 skip_corrupt: bool = False, micro_batch: int = 1):
+                 skip_corrupt: bool = False, micro_batch: int = 1, origin: dict | None = None):
         self.dir = Path(latent_dir)
         self.manifest = read_json(self.dir / "manifest.json", "latent cache manifest")
         self.shards = self.manifest["shards"]
@@ -125,53 +131,115 @@ class LatentStream:
         self.shapes = max(1, len(self.manifest.get("buckets") or []))  # latent shapes training meets
         self.bucketed = self.shapes > 1
         self._plans: dict[int, tuple[list[list[tuple[int, int]]], int]] = {}  # the last few epochs'
-        self._batch_ends: list[int] = []  # cumulative micro-batches at the end of each epoch planned
+        self._epoch_ends: list[int] = []  # cumulative positions at the end of each epoch from first_epoch
         self._raw: OrderedDict[int, list[dict] | None] = OrderedDict()  # a few shards' raw samples
+        self.origin, self.first_epoch, self._pool = origin, 0, None
+        if origin:
+            before = LatentStream(latent_dir, seed, origin["world_size"], 0, val_samples, skip_corrupt,
+                                  origin["micro_batch"], origin.get("origin"))
+            self.first_epoch = before.epoch_and_offset(origin["position"])[0]
+            self._pool = before.unseen(origin["position"])
+
+    @property
+    def origin_key(self) -> tuple[int, ...]:
+        """Numbers that tell this stream's origin apart (empty without one), for seeding per position."""
+        if not self.origin:
+            return ()
+        digest = hashlib.sha256(json.dumps(self.origin, sort_keys=True).encode()).digest()
+        return tuple(int(x) for x in np.frombuffer(digest[:8], np.uint32))
 
     def epoch_and_offset(self, position: int) -> tuple[int, int]:
         """(epoch, offset in it) of a stream position: samples, or with buckets micro-batches."""
-        if not self.bucketed:
+        if not self.bucketed and self.origin is None:
             return divmod(position, self.per_rank)
-        while not self._batch_ends or self._batch_ends[-1] <= position:  # each epoch planned once
-            self._batch_ends.append((self._batch_ends[-1] if self._batch_ends else 0) + len(self.plan(len(self._batch_ends))[0]))
-        epoch = bisect.bisect_right(self._batch_ends, position)
-        return epoch, position - (self._batch_ends[epoch - 1] if epoch else 0)
+        while not self._epoch_ends or self._epoch_ends[-1] <= position:
+            self._end_next_epoch()
+        i = bisect.bisect_right(self._epoch_ends, position)
+        return self.first_epoch + i, position - (self._epoch_ends[i - 1] if i else 0)
+
+    def _end_next_epoch(self) -> None:
+        """Plan one more epoch (each is planned once) and note the position where it ends."""
+        epoch = self.first_epoch + len(self._epoch_ends)
+        self._epoch_ends.append((self._epoch_ends[-1] if self._epoch_ends else 0) + self._epoch_length(epoch))
+
+    def _epoch_start(self, epoch: int) -> int:
+        """The stream position at the start of `epoch`."""
+        if not self.bucketed and self.origin is None:
+            return epoch * self.per_rank
+        i = epoch - self.first_epoch
+        while len(self._epoch_ends) < i:
+            self._end_next_epoch()
+        return self._epoch_ends[i - 1] if i > 0 else 0
+
+    def _epoch_length(self, epoch: int) -> int:
+        if self.bucketed:
+            return len(self.plan(epoch)[0])
+        return len(self._rank_block(epoch, self.rank)) if self._is_handover(epoch) else self.per_rank
 
     def epochs_done(self, position: int) -> float:
         """How many epochs of this rank's stream `position` covers, with the fraction of the current
         one. A data set smaller than a micro-batch goes through several epochs per micro-batch."""
         epoch, offset = self.epoch_and_offset(position)
-        return epoch + offset / (len(self.plan(epoch)[0]) if self.bucketed else self.per_rank)
+        return epoch + offset / max(1, self._epoch_length(epoch))
 
-    # ------------------------------------------------------------ buckets
+    # ------------------------------------------------------------ blocks, plans, handover
 
-    def _block(self, epoch: int) -> list[tuple[int, int]]:
-        """(shard index, stored index) of this rank's samples of `epoch`, in the epoch's order."""
+    def _is_handover(self, epoch: int) -> bool:
+        return self._pool is not None and epoch == self.first_epoch
+
+    def _rank_block(self, epoch: int, rank: int) -> list[tuple[int, int]]:
+        """(shard index, stored index) of rank `rank`'s samples of `epoch`, in the epoch's order."""
+        if self._is_handover(epoch):
+            n = len(self._pool) // self.world_size
+            return self._pool[rank * n : (rank + 1) * n]
         out: list[tuple[int, int]] = []
-        for shard_index, lo, hi in self._block_ranges(epoch, 0):
+        for shard_index, lo, hi in self._block_ranges(epoch, 0, rank):
             order = self._order_in_shard(shard_index, epoch)
             out += [(shard_index, order[k]) for k in range(lo, hi)]
         return out
+
+    def _plan_of(self, block: list[tuple[int, int]]) -> tuple[list[list[tuple[int, int]]], dict[int, list]]:
+        """A block's micro-batches (one bucket each, exactly micro_batch long) and the open batches left."""
+        open_batches: dict[int, list[tuple[int, int]]] = {}
+        batches = []
+        for shard_index, i in block:
+            bucket = self.shards[shard_index]["bucket_of"][i]
+            batch = open_batches.setdefault(bucket, [])
+            batch.append((shard_index, i))
+            if len(batch) == self.micro_batch:
+                batches.append(open_batches.pop(bucket))
+        return batches, open_batches
 
     def plan(self, epoch: int) -> tuple[list[list[tuple[int, int]]], int]:
         """This rank's micro-batches of `epoch` (each a list of (shard index, stored index), one
         bucket, exactly micro_batch long) and how many of its samples sit out the epoch."""
         if epoch not in self._plans:
-            open_batches: dict[int, list[tuple[int, int]]] = {}
-            batches = []
-            for shard_index, i in self._block(epoch):
-                bucket = self.shards[shard_index]["bucket_of"][i]
-                batch = open_batches.setdefault(bucket, [])
-                batch.append((shard_index, i))
-                if len(batch) == self.micro_batch:
-                    batches.append(open_batches.pop(bucket))
-            if not batches:
+            batches, open_batches = self._plan_of(self._rank_block(epoch, self.rank))
+            if not batches and not self._is_handover(epoch):  # a handover's rest of an epoch may be short
                 counts = {"x".join(map(str, self.manifest["buckets"][b]["size"])): len(v) for b, v in open_batches.items()}
                 raise ValueError(f"no bucket gives rank {self.rank} a full micro-batch of {self.micro_batch} in epoch "
                                  f"{epoch} ({self.per_rank} samples per rank over buckets {counts}): lower "
                                  f"train.micro_batch or use fewer cache.buckets")
             self._plans = {epoch: (batches, sum(map(len, open_batches.values())))} | dict(list(self._plans.items())[-3:])
         return self._plans[epoch]
+
+    def unseen(self, position: int) -> list[tuple[int, int]]:
+        """The samples of the epoch that `position` stands in which no rank of this geometry has been
+        given yet (all ranks stand at the same position: they step together), in the epoch's order:
+        what a run continuing on another number of ranks shares out."""
+        epoch, offset = self.epoch_and_offset(position)
+        seen: set[tuple[int, int]] = set()
+        for rank in range(self.world_size):
+            block = self._rank_block(epoch, rank)
+            if self.bucketed:
+                seen.update(sample for batch in self._plan_of(block)[0][:offset] for sample in batch)
+            else:
+                seen.update(block[:offset])
+        if self._is_handover(epoch):
+            pool = self._pool
+        else:
+            pool = [(int(s), i) for s in self._epoch_order(epoch) for i in self._order_in_shard(int(s), epoch)]
+        return [sample for sample in pool if sample not in seen]
 
     def left_out(self, epoch: int) -> int:
         return self.plan(epoch)[1] if self.bucketed else 0
@@ -229,12 +297,13 @@ class LatentStream:
             self._loaded = ((shard_index, epoch), [samples[i] for i in self._order_in_shard(shard_index, epoch)])
         return self._loaded[1]
 
-    def _block_ranges(self, epoch: int, offset: int) -> Iterator[tuple[int, int, int]]:
+    def _block_ranges(self, epoch: int, offset: int, rank: int | None = None) -> Iterator[tuple[int, int, int]]:
         """(shard index, lo, hi): the in-shard positions [lo, hi) of each shard (in the epoch's order)
-        that this rank's block of `epoch` covers from its `offset`-th sample on; shards outside the
-        block are not visited."""
-        start = self.rank * self.per_rank + offset
-        end = (self.rank + 1) * self.per_rank
+        that the block of `epoch` of `rank` (this rank by default) covers from its `offset`-th sample
+        on; shards outside the block are not visited."""
+        rank = self.rank if rank is None else rank
+        start = rank * self.per_rank + offset
+        end = (rank + 1) * self.per_rank
         shard_start = 0
         for shard_index in self._epoch_order(epoch):
             n = self.counts[shard_index]
@@ -249,6 +318,12 @@ class LatentStream:
         """(offset in block, raw sample) of this rank's samples of `epoch` from its `offset`-th on;
         a corrupt shard skipped under skip_corrupt yields None for each of its samples. Shards
         outside the block are not read."""
+        if self._is_handover(epoch):
+            for shard_index, i in self._rank_block(epoch, self.rank)[offset:]:
+                raw = self._raw_samples(shard_index)
+                yield offset, None if raw is None else raw[i]
+                offset += 1
+            return
         for shard_index, lo, hi in self._block_ranges(epoch, offset):
             samples = self._shard_samples(shard_index, epoch)
             for k in range(lo, hi):
@@ -267,7 +342,7 @@ class LatentStream:
         while True:
             for k, raw in self._epoch_block(epoch, offset):
                 if raw is not None:
-                    yield epoch * self.per_rank + k + 1, decode_latent_sample(raw)
+                    yield self._epoch_start(epoch) + k + 1, decode_latent_sample(raw)
             epoch, offset = epoch + 1, 0
 
     def batches(self, position: int, micro_batch: int, pin: bool = False, prefetch: int = 4,

@@ -68,6 +68,15 @@ class ShardedEMA:
         for n, t in zip(self.names, self.shadow):
             t.copy_(frags[n][1])
 
+    def load_resharded(self, states: list[dict]) -> None:
+        """Load from the EMA shards of every rank of a checkpoint written by another number of ranks:
+        reassembled, then cut to this rank's fragments."""
+        full = gather_fragments(states)
+        if set(self.names) - set(full):
+            raise ValueError(f"the checkpoint's EMA lacks {sorted(set(self.names) - set(full))[:3]}")
+        for n, o, t in zip(self.names, self.offsets, self.shadow):
+            t.copy_(full[n][o : o + t.numel()].view_as(t))
+
 
 def classic_beta(decay: float, warmup: bool) -> Callable[[int], float]:
     """The usual EMA decay; with warm-up min(decay, (1 + step) / (10 + step)) so early weights fade."""
@@ -175,6 +184,13 @@ class TrainingEMAs:
         for sigma, ema in self.power.items():
             ema.load_state_dict(state["power"][sigma])
 
+    def load_resharded(self, states: list[dict]) -> None:
+        """`states`: every rank's state_dict() of a checkpoint written by another number of ranks."""
+        self.wait()
+        self.main.load_resharded([s["main"] for s in states])
+        for sigma, ema in self.power.items():
+            ema.load_resharded([s["power"][sigma] for s in states])
+
     def snapshot_due(self, step: int, last_step: int) -> bool:
         return bool(self.power) and (step % self.snapshot_every == 0 or step == last_step)
 
@@ -185,19 +201,32 @@ class TrainingEMAs:
             torch.save({"step": step, "world_size": world.size,
                         "profiles": {s: e.state_dict() for s, e in self.power.items()}}, f)
 
-    def digest(self, world) -> dict[str, dict[str, list[float]]]:
-        """Checksums of the full raw (fp32 master) and EMA weights, summed over every rank's fragments,
-        so the merge stage can check its consolidation against what the engine held."""
+    def digest(self, world, engine) -> dict[str, dict[str, list[float]]]:
+        """Checksums of the full raw (fp32 master) and EMA weights and of Adam's moments, summed over
+        every rank's fragments: the merge stage checks its consolidation against them, and a run
+        resumed on another number of ranks can be checked against the run it continues."""
         self.wait()
         names = sorted(set().union(*map(set, world.gather(self.main.names))))  # a rank may hold none of some
-        parts = torch.zeros(2, len(names), 3, dtype=torch.float64)
+        kinds = ("raw", "ema", *MOMENTS)
+        parts = torch.zeros(len(kinds), len(names), 3, dtype=torch.float64)
         index = {n: i for i, n in enumerate(names)}
         for row, tensors in enumerate((self.main.sources, self.main.shadow)):
             for name, offset, values in zip(self.main.names, self.main.offsets, tensors):
                 parts[row, index[name]] += checksum(values, offset)
+        masters = zero0_masters(engine.optimizer)
+        for row, key in enumerate(MOMENTS, start=2):
+            for name, p in engine.module.named_parameters():
+                if name not in index:  # frozen
+                    continue
+                offset, values = master_fragment(p, self.main.rank, self.main.world_size, masters, key, engine.optimizer)
+                if values is not None:
+                    parts[row, index[name]] += checksum(values, offset)
         if world.size > 1:
             torch.distributed.all_reduce(parts, group=world.control)
-        return {kind: {n: parts[row, i].tolist() for n, i in index.items()} for row, kind in enumerate(("raw", "ema"))}
+        return {kind: {n: parts[row, i].tolist() for n, i in index.items()} for row, kind in enumerate(kinds)}
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter
 
 
 def checksum(values: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -208,17 +237,26 @@ def checksum(values: torch.Tensor, offset: int = 0) -> torch.Tensor:
     return torch.stack([x.sum(), (x * x).sum(), (x * weights).sum()])
 
 
-def master_fragment(p: torch.nn.Parameter, rank: int, world_size: int,
-                    masters: dict[int, torch.Tensor] | None = None) -> tuple[int, torch.Tensor | None]:
-    """(flat offset, fp32 values) of this rank's share of parameter `p`, as a live view."""
-    if hasattr(p, "ds_id"):  # ZeRO-3: the local fp32 partition; the parameter itself is empty here
-        part, _ = p._z3_optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=True)
-        offset = rank * p.ds_tensor.ds_numel
-        return offset, part[: max(0, min(part.numel(), p.ds_numel - offset))]
-    if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
-        frag = p._hp_mapping
-        return (0, None) if frag is None else (frag.lp_fragment_address.start, frag.hp_fragment)
-    flat = (masters or {}).get(id(p), p).detach().view(-1)
+def master_fragment(p: torch.nn.Parameter, rank: int, world_size: int, masters: dict[int, torch.Tensor] | None = None,
+                    key: str | None = None, optimizer=None) -> tuple[int, torch.Tensor | None]:
+    """(flat offset, fp32 values) of this rank's share of parameter `p`, as a live view: of its master
+    weights, or with `key` of that optimizer state of them (exp_avg, ...; None before the first step)."""
+    try:
+        if hasattr(p, "ds_id"):  # ZeRO-3: the local fp32 partition; the parameter itself is empty here
+            part, _ = p._z3_optimizer._get_fp32_opt_state_partition(p, True, key)
+            offset = rank * p.ds_tensor.ds_numel
+            return offset, part[: max(0, min(part.numel(), p.ds_numel - offset))]
+        if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
+            frag = p._hp_mapping
+            return (0, None) if frag is None else (frag.lp_fragment_address.start, frag.get_hp_fragment(key))
+    except (KeyError, ValueError, TypeError):  # no such optimizer state (yet)
+        return 0, None
+    tensor = (masters or {}).get(id(p), p)
+    if key is not None:  # ZeRO-0: the (wrapped) torch optimizer's state of the master tensor
+        tensor = getattr(optimizer, "optimizer", optimizer).state.get(tensor, {}).get(key)
+        if tensor is None:
+            return 0, None
+    flat = tensor.detach().view(-1)
     size = -(-flat.numel() // world_size)
     return rank * size, flat[rank * size : (rank + 1) * size]
 

@@ -59,11 +59,12 @@ def trainable_unet(cfg: Config, model_dir: Path) -> torch.nn.Module:
     return add_lora(unet, cfg.train.lora) if cfg.train.mode == "lora" else unet
 
 
-def step_generator(seed: int, position: int, rank: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, position: int, rank: int, device: torch.device, origin_key: tuple[int, ...] = ()) -> torch.Generator:
     """Randomness (noise, timesteps, caption choice) as a pure function of the data position: a
-    resumed run draws exactly what an uninterrupted run draws for the same micro-batch."""
+    resumed run draws exactly what an uninterrupted run draws for the same micro-batch. After a
+    change of geometry positions count from 0 again: `origin_key` keeps those draws new."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([seed, position, rank]).generate_state(1, np.uint64)[0] >> 1))
+    g.manual_seed(int(np.random.SeedSequence([seed, position, rank, *origin_key]).generate_state(1, np.uint64)[0] >> 1))
     return g
 
 
@@ -182,19 +183,24 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     objective = family.objective(model_dir, t.prediction_type, t).to(device)
     prediction_type = objective.prediction_type
     scaling = latent_scaling(load_vae(model_dir))
-    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch)
-    prior_stream = open_prior(cfg, latent_dir, world)
+    resumed, reshaped = checkpoints.resumed_progress(ckpt_dir, world.size)
+    progress = resumed or {"step": 0, "epoch": 0, "position": 0, "prior_position": 0, "bad_steps": 0}
+    stream = LatentStream(latent_dir, t.seed, world.size, world.rank, t.val_samples, t.skip_corrupt, t.micro_batch,
+                          progress.get("origin"))
+    prior_stream = open_prior(cfg, latent_dir, world, progress.get("prior_origin"))
     prior_count = cfg.data.prior.per_micro_batch(t.micro_batch) if prior_stream else 0
 
-    engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device, stream.shapes)
+    universal = reshaped and t.zero_stage > 0
+    engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device, stream.shapes, load_universal=universal)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
     lora = t.mode == "lora"
 
-    progress = {"step": 0, "epoch": 0, "position": 0, "prior_position": 0, "bad_steps": 0}
-    if checkpoints.latest_checkpoint(ckpt_dir):
-        progress = checkpoints.load(engine, ckpt_dir, ema, world, lora)
+    if resumed:
+        checkpoints.load(engine, ckpt_dir, ema, world, lora, universal)
         if world.is_main:
-            print(f"train: resumed from step {progress['step']}", flush=True)
+            print(f"train: resumed from step {progress['step']}"
+                  + (f" (written by {progress['origin']['world_size']} ranks, continued on {world.size})"
+                     if reshaped else ""), flush=True)
     start_step = step = progress["step"]
     position, bad_steps = progress["position"], progress["bad_steps"]
     prior_position = progress.get("prior_position", 0)
@@ -214,7 +220,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
         losses, lr = [], lr_sched.get_last_lr()[0]  # the rate this step applies
         while len(losses) < t.grad_accum:
             with phase("data"):
-                gen = step_generator(t.seed, position, world.rank, device)
+                gen = step_generator(t.seed, position, world.rank, device, stream.origin_key)
                 batch = next(batches)
                 position = batch.pop("position")
                 prior_position = batch.pop("prior_position", 0)
@@ -267,7 +273,8 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
 
         epoch = stream.epoch_and_offset(position)[0]
         progress = {"step": step, "epoch": epoch, "position": position, "prior_position": prior_position,
-                    "bad_steps": bad_steps}
+                    "bad_steps": bad_steps, "origin": stream.origin,
+                    "prior_origin": prior_stream.origin if prior_stream else None}
         stopping = world.any(stop.signal is not None)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:
             save_started = time.time()
@@ -296,7 +303,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
               "seconds_this_run": round(time.time() - started, 1), "last_checkpoint_s": save_s,
               "resumed_from": start_step, "compiled_graphs": _compiled_graphs() if t.compile else None,
               "peak_gpu_allocated_gb": peak_gb[0] if peak_gb else None,
-              "peak_gpu_reserved_gb": peak_gb[1] if peak_gb else None, "digest": ema.digest(world)}
+              "peak_gpu_reserved_gb": peak_gb[1] if peak_gb else None, "digest": ema.digest(world, engine)}
     torch.distributed.barrier()
     if world.is_main:
         write_json(run_dir / "train.json", result)
@@ -304,14 +311,15 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     return result
 
 
-def open_prior(cfg: Config, latent_dir: Path, world: World) -> LatentStream | None:
+def open_prior(cfg: Config, latent_dir: Path, world: World, origin: dict | None = None) -> LatentStream | None:
     """The prior (class) images' stream when data.prior is set: the cache's prior/ folder."""
     if not cfg.data.prior.source:
         return None
     if not (latent_dir / "prior" / "manifest.json").is_file():
         raise ValueError(f"data.prior.source is set but latent cache {latent_dir} has no prior/: rerun the cache "
                          f"stage (snakemake --forcerun cache)")
-    return LatentStream(latent_dir / "prior", cfg.train.seed, world.size, world.rank, 0, cfg.train.skip_corrupt)
+    return LatentStream(latent_dir / "prior", cfg.train.seed, world.size, world.rank, 0, cfg.train.skip_corrupt,
+                        origin=origin)
 
 
 def _left_out(stream: LatentStream, world: World, start: int, end: int) -> dict[str, int] | None:
