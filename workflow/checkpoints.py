@@ -35,7 +35,7 @@ from .fsutil import atomic_file, read_json, sha256_json, write_json
 
 # Keys that may change between a checkpoint and its resume: how long and how often, not what.
 RESUMABLE_CHANGES = {"train.steps", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.resume", "train.max_bad_steps", "train.wandb", "train.procs", "cache.procs",
+                     "train.resume", "train.max_bad_steps", "train.wandb", "train.procs", "train.rendezvous_timeout_s", "cache.procs",
                      "cache.batch_size", "sample.batch_size", "ema.use", "ema.offload", "ema.target_sigma_rel", "ema.fuse_lora",
                      "ema.posthoc.snapshot_every",
                      "train.compile", "train.compile_shapes", "train.compile_cache", "train.profile_at",

@@ -308,6 +308,9 @@ class TrainConfig(Section):
         "(TORCHINDUCTOR_CACHE_DIR), relative to the workflow folder: a rerun, a resume or another node on the "
         "same filesystem loads what an earlier run compiled; null: torch's default (/tmp, per machine)")
     procs: int = Field(2, ge=1, description="processes to start on a machine without GPUs")
+    rendezvous_timeout_s: int = Field(
+        300, ge=5, description="seconds rank 0 waits for every rank to arrive (and the others for rank 0): a node "
+        "that failed to start stops the run with the missing ranks and their hosts named, not at the time limit")
     seed: int = 0
     val_samples: int | Literal["auto"] = Field(
         "auto", description="cached samples held out of training for the validation loss; auto: none below 100 "

@@ -76,11 +76,59 @@ def slurm_geometry() -> dict[str, str]:
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                            check=True).stdout.split()
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
     geometry = {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"],
-                "MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + int(env["SLURM_JOB_ID"]) % 20000)}
+                "MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
+                "DSD_RANK_HOSTS": ",".join(rank_hosts(hosts, per_node))}
     if "SLURM_CPUS_PER_TASK" in env:  # a task's own cores, not the job's (Snakemake sets the latter)
         geometry["OMP_NUM_THREADS"] = env["SLURM_CPUS_PER_TASK"]
     return geometry
+
+
+def rank_hosts(hosts: list[str], tasks_per_node: str) -> list[str]:
+    """The host of each rank under srun's default (block) distribution: SLURM_STEP_TASKS_PER_NODE
+    reads e.g. "2(x3),1" (2 tasks on each of 3 nodes, then 1)."""
+    counts: list[int] = []
+    for part in filter(None, tasks_per_node.split(",")):
+        n, _, times = part.partition("(x")
+        counts += [int(n)] * (int(times.rstrip(")")) if times else 1)
+    return [host for host, n in zip(hosts, counts) for _ in range(n)]
+
+
+class RanksMissing(RuntimeError):
+    """Not every rank reached the rendezvous in time (a node that failed to start or cannot be reached)."""
+
+
+def rendezvous(rank: int, size: int, timeout_s: float):
+    """The store the process group starts from: rank 0 serves it at MASTER_ADDR:MASTER_PORT, every
+    rank signs in with its host, and rank 0 waits at most `timeout_s` for all of them; then, or if
+    rank 0 cannot be reached, RanksMissing names the ranks (and hosts) that did not come."""
+    from datetime import timedelta
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    hosts = os.environ.get("DSD_RANK_HOSTS", "").split(",")
+    where = lambda r: hosts[r] if len(hosts) == size else "?"  # noqa: E731
+    try:
+        store = torch.distributed.TCPStore(addr, port, size, is_master=rank == 0,
+                                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except RuntimeError as e:  # torch's DistNetworkError / DistStoreError
+        raise RanksMissing(f"rank {rank} on {socket.gethostname()} could not reach rank 0's rendezvous at "
+                           f"{addr}:{port} within {timeout_s:g} s (rank 0 is expected on {where(0)}): did its node "
+                           f"start? ({str(e).splitlines()[0]})") from None
+    store.set(f"dsd/arrived/{rank}", socket.gethostname())
+    if rank == 0:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = [r for r in range(size) if not store.check([f"dsd/arrived/{r}"])]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                listed = ", ".join(f"{r} ({where(r)})" for r in missing[:16]) + (" ..." if len(missing) > 16 else "")
+                raise RanksMissing(f"{len(missing)} of {size} ranks did not arrive within {timeout_s:g} s "
+                                   f"(train.rendezvous_timeout_s): rank (expected host) {listed}; check that "
+                                   f"those nodes started and can reach {addr}:{port}")
+            time.sleep(0.2)
+    return store
 
 
 # Exit code of a rank (and of the stage) that stopped on SIGTERM/SIGUSR1 after saving a checkpoint:
@@ -249,8 +297,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_world() -> World:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU) for this rank."""
+def init_world(rendezvous_timeout_s: float = 300) -> World:
+    """Initialise torch.distributed (gloo on CPU, NCCL on GPU) for this rank from our rendezvous
+    (which names the ranks that never arrive), then DeepSpeed's communication on top of it."""
     import deepspeed
 
     from .build_ops import use_environment_ninja
@@ -259,9 +308,14 @@ def init_world() -> World:
     if "RANK" not in os.environ:  # a single process that no launcher started
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    store = rendezvous(rank, size, rendezvous_timeout_s)
+    # As DeepSpeed would: the rank's GPU bound where there are several ranks (NCCL setup at init)
+    bound = {"device_id": torch.device("cuda", local_rank)} if torch.cuda.is_available() and size > 1 else {}
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=size, **bound)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     control = torch.distributed.new_group(backend="gloo") if torch.cuda.is_available() and size > 1 else None
     world = World(rank, local_rank, size, control)
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" in os.environ:

@@ -30,8 +30,8 @@ from . import checkpoints
 from .cache import cache_fingerprint, fingerprint_mismatch
 from .cli import run, stage_main
 from .config import Config
-from .distributed import (EXIT_PREEMPTED, StopRequest, World, device_for, init_world, launched, procs_wanted, relaunch,
-                          stop_when_parent_dies)
+from .distributed import (EXIT_PREEMPTED, RanksMissing, StopRequest, World, device_for, init_world, launched,
+                          procs_wanted, relaunch, stop_when_parent_dies)
 from .sharded_ema import TrainingEMAs
 from .engine import build_engine, check_zero_section, deepspeed_config
 from .fsutil import atomic_file, hold_run_lock, read_json, write_json
@@ -157,7 +157,7 @@ def with_steps(cfg: Config, latent_dir: Path, world_size: int) -> tuple[Config, 
 
 def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict[str, Any] | None:
     stop = StopRequest()  # before anything slow, so an early signal is not lost
-    world = init_world()
+    world = init_world(cfg.train.rendezvous_timeout_s)
     device = device_for(world)
     as_given = cfg  # what checkpoints record and a resume compares (train.steps may be auto)
     cfg, steps_why = with_steps(cfg, latent_dir, world.size)
@@ -430,6 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_DIVERGED) from None
+    except RanksMissing as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except checkpoints.CheckpointSaveError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_SAVE_FAILED) from None
