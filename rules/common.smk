@@ -88,7 +88,10 @@ def train_job():
     res = gpu_job(SLURM.gpus_per_node, SLURM.train_minutes) | dict(nodes=SLURM.nodes)
     if train_ranks() > 1:
         del res["gpu"]
-        res |= dict(gres=f"gpu:{SLURM.gpus_per_node}", mpi="srun", tasks_per_node=SLURM.gpus_per_node)
+        res |= dict(gres=f"gpu:{SLURM.gpus_per_node}", mpi="srun")
+        # The executor refuses tasks_per_node=1 for an mpi job: one GPU per node is --ntasks=nodes
+        # (with --nodes, one task on each).
+        res |= dict(tasks_per_node=SLURM.gpus_per_node) if SLURM.gpus_per_node > 1 else dict(tasks=train_ranks())
     if SLURM.signal_seconds:
         res["slurm_extra"] = f"--signal=USR1@{SLURM.signal_seconds}"
     return res

@@ -1,14 +1,19 @@
-"""The pipeline on a real one-node Slurm cluster: `snakemake --profile slurm` from a copy of the repo
-whose profiles/slurm/config.yaml has this cluster's site settings (what the README has a user edit).
+"""The pipeline on a real two-node Slurm cluster (tests/slurm_cluster.py: each node a slurmd with its
+own host name and address): `snakemake --profile slurm` from a copy of the repo whose
+profiles/slurm/config.yaml has this cluster's site settings (what the README has a user edit).
 
-Every stage is a Slurm job; training runs as 2 srun tasks (one per fake GPU, gloo on the CPU);
-a time-limit warning (SIGUSR1) makes training save and exit 75, and the retry resumes; a job
-cancelled with scancel is resumed by the next run from its last checkpoint.
+Every stage is a Slurm job; training runs as srun tasks (one per fake GPU, gloo on the CPU), on both
+nodes (`slurm__nodes=2`) or two on one. Two nodes: the merged model equals a one-node run's; a
+time-limit warning (SIGUSR1) to the job makes every rank on both nodes save and exit 75, and the
+retry resumes; a node lost mid-training (its slurmd and ranks killed) leaves the last complete
+checkpoint, which the rerun continues on the one node left. One node: a job cancelled with scancel
+is resumed by the next run from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -16,9 +21,11 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
+import torch
 import yaml
 from conftest import REPO, TINY_OVERRIDES, stage_env
 from documented import copy_repo
+from safetensors.torch import load_file
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 pytestmark = pytest.mark.slurm
@@ -58,12 +65,17 @@ def edit_site_settings(workdir: Path, tmp_path: Path, retries: int = 1) -> None:
     path.write_text(yaml.safe_dump(profile))
 
 
-def snakemake(workdir: Path, *overrides: str, wait: bool = True, until: str | None = None):
+TWO_NODES = ["slurm.nodes=2", "slurm.gpus_per_node=1"]
+
+
+def snakemake(workdir: Path, *overrides: str, wait: bool = True, until: str | None = None, profile: bool = True):
     """`snakemake --profile slurm --config ...` typed in the repo root (`--until train`: the tests
-    of resuming stop there; the first test runs every stage as a job)."""
+    of resuming stop there; the first test runs every stage as a job). profile=False: the same run
+    on this machine (`snakemake --cores all`), not through Slurm."""
     config = [k.replace(".", "__") + "=" + v for k, v in (o.split("=", 1) for o in TINY_OVERRIDES + SLURM_OVERRIDES
                                                           + list(overrides))]
-    cmd = [SNAKEMAKE, "--profile", "slurm", *(["--until", until] if until else []), "--config", *config]
+    where = ["--profile", "slurm"] if profile else ["--cores", "all"]
+    cmd = [SNAKEMAKE, *where, *(["--until", until] if until else []), "--config", *config]
     if not wait:
         return subprocess.Popen(cmd, cwd=workdir, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
@@ -90,9 +102,24 @@ def checkpoint_step(run: Path) -> int:
     return int(latest.read_text().strip()[4:]) if latest.is_file() else 0
 
 
-def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_path):
+def rank_hosts(log: str, ranks: int) -> dict[int, str]:
+    """{rank: host} from the stage's lines "train: rank R of N is srun task R of job J on HOST"."""
+    found = {int(r): h for r, t, h in re.findall(rf"train: rank (\d+) of {ranks} is srun task (\d+) of job \d+ on (\S+)", log)
+             if r == t}
+    return found
+
+
+def unet_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(next((run / "model" / "unet").glob("*.safetensors")))
+
+
+def test_pipeline_runs_as_slurm_jobs_on_two_nodes(cluster, workdir, tmp_path):
+    """`snakemake --profile slurm --config slurm__nodes=2 slurm__gpus_per_node=1` (ZeRO-2): every stage a
+    job, train one job with a rank on each node. Bugs caught: both tasks on one host, a rendezvous at
+    an address the other node cannot reach, a rank map that gives both nodes rank 0, a merge that
+    misses the shards written on the second host; and a model that differs from a one-node run's."""
     edit_site_settings(workdir, tmp_path)
-    proc = snakemake(workdir)
+    proc = snakemake(workdir, *TWO_NODES, "train.zero_stage=2")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     run = workdir / "results" / "runs" / "digits-tiny"
     for rule in ("prepare", "fetch_model", "cache", "train", "ema", "sample", "export", "report_files"):
@@ -101,16 +128,28 @@ def test_pipeline_runs_as_slurm_jobs_with_srun_training(cluster, workdir, tmp_pa
     assert result["world_size"] == 2 and result["final_step"] == 4
     log = (workdir / "logs" / "digits-tiny" / "train.log").read_text()
     assert "train: done at step 4" in log
-    # The ranks were srun tasks, not processes the stage's own launcher started (both give world_size 2).
-    assert all(f"train: rank {r} of 2 is srun task {r} of job" in log for r in (0, 1)), log[-3000:]
+    # The ranks were srun tasks on both nodes, not processes the stage's own launcher started.
+    assert rank_hosts(log, 2) == {0: "dsd-node1", 1: "dsd-node2"}, log[-3000:]
     assert (run / "samples" / "metrics.json").is_file() and (run / "model" / "model_index.json").is_file()
     assert (run / "export" / "digits-tiny.safetensors").is_file()
+    # The same run on one machine (2 local ranks, the same global batch) makes the same model: gloo's
+    # sum of two ranks' gradients does not depend on where the ranks run.
+    local = snakemake(workdir, "slurm.gpus_per_node=2", "train.zero_stage=2", "run=one-node", until="ema",
+                      profile=False)
+    assert local.returncode == 0, (local.stdout + local.stderr)[-6000:]
+    one_node = workdir / "results" / "runs" / "one-node"
+    assert json.loads((one_node / "train.json").read_text())["digest"] == result["digest"]
+    a, b = unet_weights(run), unet_weights(one_node)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_path):
+    """Two nodes, ZeRO-3: the signal reaches every rank on both hosts, each saves its part, and the
+    retried job resumes from that checkpoint."""
     edit_site_settings(workdir, tmp_path)
     run = workdir / "results" / "runs" / "slurm-usr1"
-    steps = ["run=slurm-usr1", "train.steps=40", "train.checkpoint_every=1000", "train.log_every=5"]
+    steps = ["run=slurm-usr1", "train.steps=40", "train.checkpoint_every=1000", "train.log_every=5", *TWO_NODES,
+             "train.zero_stage=3"]
     proc = snakemake(workdir, *steps, wait=False, until="train")
     job = wait_for(running_train_job, 600, "the train job")
     wait_for(lambda: (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count("\n") >= 2, 300,
@@ -121,6 +160,7 @@ def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_pat
     log = (workdir / "logs" / "slurm-usr1" / "train.log").read_text()
     result = json.loads((run / "train.json").read_text())
     assert 0 < result["resumed_from"] < 40 and result["final_step"] == 40, log[-3000:]
+    assert rank_hosts(log, 2) == {0: "dsd-node1", 1: "dsd-node2"}, log[-3000:]  # the retry's ranks too
 
 
 def test_cancelled_job_is_resumed_by_the_next_run(cluster, workdir, tmp_path):
@@ -137,3 +177,41 @@ def test_cancelled_job_is_resumed_by_the_next_run(cluster, workdir, tmp_path):
     assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
     result = json.loads((run / "train.json").read_text())
     assert result["resumed_from"] >= saved and result["final_step"] == 30
+
+
+def test_lost_node_run_continues_on_the_node_left(cluster, workdir, tmp_path):
+    """Two nodes, ZeRO-2: the second node is lost mid-training (its slurmd and the ranks on it killed
+    at once). Bugs caught: the surviving rank hanging until the time limit; a checkpoint the lost node
+    did not finish being resumed; the rerun refusing a checkpoint of 2 ranks on 1 (the user's only
+    way on while the node is gone) or not resuming from the step the checkpoint says."""
+    edit_site_settings(workdir, tmp_path, retries=0)
+    run = workdir / "results" / "runs" / "slurm-lost"
+    steps = ["run=slurm-lost", "train.steps=30", "train.checkpoint_every=5", "train.zero_stage=2"]
+    proc = snakemake(workdir, *steps, *TWO_NODES, wait=False, until="train")
+    try:
+        wait_for(lambda: checkpoint_step(run) >= 5, 900, "a checkpoint")
+        slurm_cluster.lose_node("dsd-node2")
+        # Rank 0 sees its peer go within seconds, not at the job's 20-minute limit; Slurm then fails
+        # the job or, noticing the node down (its default JobRequeue), requeues it to wait for nodes.
+        log = workdir / "logs" / "slurm-lost" / "train.log"
+        wait_for(lambda: "task 0: Exited with exit code 1" in log.read_text(), 120, "rank 0 to stop")
+        wait_for(lambda: not running_train_job(), 180, "the job to fail or be requeued")
+        assert "Connection reset by peer" in log.read_text() or "Connection closed by peer" in log.read_text()
+        subprocess.run(["scancel", "--user", "root"], check=True)  # the user gives up on the lost node
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0, out[-3000:]
+        saved = checkpoint_step(run)
+        meta = json.loads((run / "checkpoints" / f"step{saved:08d}" / "meta.json").read_text())
+        assert saved >= 5 and meta["world_size"] == 2 and not (run / "train.json").exists()
+        # The node stays lost: go on with one node and 1 GPU, the global batch kept by grad_accum (the
+        # CPU "GPU" count is train.procs here, as SLURM_OVERRIDES sets the CPU's settings by name).
+        again = snakemake(workdir, *steps, "slurm.nodes=1", "slurm.gpus_per_node=1", "train.procs=1",
+                          "train.grad_accum=2", until="train")
+        assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+    finally:
+        slurm_cluster.restore_node("dsd-node2")
+    result = json.loads((run / "train.json").read_text())
+    log = (workdir / "logs" / "slurm-lost" / "train.log").read_text()
+    assert result["resumed_from"] == saved and result["final_step"] == 30 and result["world_size"] == 1, log[-3000:]
+    assert f"resumed from step {saved} (written by 2 ranks, continued on 1)" in log
+    assert all((tag / "meta.json").is_file() for tag in (run / "checkpoints").glob("step*"))  # none half-written
