@@ -18,9 +18,9 @@ PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 # work, holding a core another process needs. Passive waiting only changes how idle threads wait
 # (results are the same). Measured with two busy loops beside one sampling test: 116 + 33 s spinning,
 # 60 + 21 s passive; alone, 38 + 11 s vs 38 + 14 s. `make run` is left as it is.
-test test-e2e test-slurm test-faults test-flux test-wheelhouse: export OMP_WAIT_POLICY = PASSIVE
+test test-e2e test-slurm test-faults test-flux test-geometry test-wheelhouse: export OMP_WAIT_POLICY = PASSIVE
 
-.PHONY: test-slurm test-faults test-flux test-e2e test-wheelhouse install run test dry-run clean
+.PHONY: test-geometry test-slurm test-faults test-flux test-e2e test-wheelhouse install run test dry-run clean
 
 install: $(STAMP)
 
@@ -53,10 +53,14 @@ test-e2e: install
 test-slurm: install
 	$(VENV)/bin/python -m pytest -m slurm $(PYTEST_ARGS)
 
-# Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs); and
-# resuming ZeRO-0/1/3 checkpoints on another number of ranks (tests/test_reshape.py; ZeRO-2 is in make test).
+# Another geometry: ZeRO-0/1/3 and LoRA checkpoints of 2 ranks resumed on 1 and back on 2 (ZeRO-2 is in
+# make test), ranks that never arrive (tests/test_reshape.py, tests/test_multinode.py).
+test-geometry: install
+	$(VENV)/bin/python -m pytest -m geometry tests/test_reshape.py tests/test_multinode.py $(PYTEST_ARGS)
+
+# Fault injection (tests/faults): kills, corrupt shards, bad config, a full filesystem (root: tmpfs).
 test-faults: install
-	$(VENV)/bin/python -m pytest -m faults tests/faults tests/test_reshape.py $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m faults tests/faults $(PYTEST_ARGS)
 
 # FLUX.1 on the CPU (builtin:tiny-flux): 2-rank full ZeRO-3 and LoRA ZeRO-2 runs merged and loaded by
 # diffusers, a killed run resumed bitwise, and the digits end to end (square and bucketed).

@@ -41,6 +41,7 @@ ELSEWHERE = {
     "make test-faults": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-e2e": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-slurm": ".ci/run (test_ci_runs_the_documented_test_commands)",
+    "make test-geometry": ".ci/run (test_ci_runs_the_documented_test_commands)",
     "make test-flux": ".ci/run (test_ci_runs_the_documented_test_commands)",
     # Not in .ci/run (CI time, issue 19): downloads ~420 MB and runs the workflow from a bare venv.
     "make test-wheelhouse": "by hand: tests/test_wheelhouse.py (2 passed, 8 min 23 s, this session)",
@@ -90,7 +91,7 @@ def test_ci_runs_the_documented_test_commands():
             run.add(words[1])
         elif words[:1] == ["lane"]:  # lane NAME TARGET...
             run.update(words[2:])
-    for target in ("install", "test", "test-e2e", "test-faults", "test-slurm", "test-flux"):
+    for target in ("install", "test", "test-e2e", "test-faults", "test-slurm", "test-flux", "test-geometry"):
         assert target in run, f"make {target} not in .ci/run"
 
 

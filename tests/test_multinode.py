@@ -22,6 +22,7 @@ def test_rank_hosts_follow_srun_block_distribution():
     assert rank_hosts(["a"], "1") == ["a"]
 
 
+@pytest.mark.geometry
 @pytest.mark.parametrize("alone", [0, 1])
 def test_a_rank_that_never_arrives_is_named_within_the_timeout(built, tmp_path, alone):
     """One rank of two started (its peer's node never came up). Bug caught: the run waiting for the

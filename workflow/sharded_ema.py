@@ -248,7 +248,9 @@ def master_fragment(p: torch.nn.Parameter, rank: int, world_size: int, masters: 
             return offset, part[: max(0, min(part.numel(), p.ds_numel - offset))]
         if hasattr(p, "_hp_mapping"):  # ZeRO-1/2 and DeepSpeed's bf16 optimizer
             frag = p._hp_mapping
-            return (0, None) if frag is None else (frag.lp_fragment_address.start, frag.get_hp_fragment(key))
+            if frag is None:
+                return 0, None
+            return frag.lp_fragment_address.start, frag.hp_fragment if key is None else frag.get_hp_fragment(key)
     except (KeyError, ValueError, TypeError):  # no such optimizer state (yet)
         return 0, None
     tensor = (masters or {}).get(id(p), p)
