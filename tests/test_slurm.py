@@ -145,7 +145,7 @@ def test_pipeline_runs_as_slurm_jobs_on_two_nodes(cluster, workdir, tmp_path):
 
 def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_path):
     """Two nodes, ZeRO-3: the signal reaches every rank on both hosts, each saves its part, and the
-    retried job resumes from that checkpoint."""
+    retried job resumes from that checkpoint to the weights an uninterrupted run ends with."""
     edit_site_settings(workdir, tmp_path)
     run = workdir / "results" / "runs" / "slurm-usr1"
     steps = ["run=slurm-usr1", "train.steps=40", "train.checkpoint_every=1000", "train.log_every=5", *TWO_NODES,
@@ -161,6 +161,12 @@ def test_time_limit_signal_saves_and_the_retry_resumes(cluster, workdir, tmp_pat
     result = json.loads((run / "train.json").read_text())
     assert 0 < result["resumed_from"] < 40 and result["final_step"] == 40, log[-3000:]
     assert rank_hosts(log, 2) == {0: "dsd-node1", 1: "dsd-node2"}, log[-3000:]  # the retry's ranks too
+    # Resumed bitwise: the same two-node run without the signal ends with the same fp32 weights, EMA
+    # and Adam moments (train.json's checksums of every tensor, summed the same way on both).
+    straight = snakemake(workdir, *steps[1:], "run=slurm-straight", until="train")
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-6000:]
+    uninterrupted = json.loads((workdir / "results" / "runs" / "slurm-straight" / "train.json").read_text())
+    assert uninterrupted["resumed_from"] == 0 and uninterrupted["digest"] == result["digest"]
 
 
 def test_cancelled_job_is_resumed_by_the_next_run(cluster, workdir, tmp_path):
