@@ -138,9 +138,8 @@ def to_universal(tag_dir: Path) -> Path:
     return out
 
 
-def needs_universal(cfg: Config, ckpt_dir: Path, world_size: int) -> bool:
-    """Whether the engine must load the newest checkpoint as a universal one (another geometry, ZeRO >= 1)."""
-    _, reshaped = resumed_progress(ckpt_dir, world_size)
+def loads_as_universal(cfg: Config, reshaped: bool) -> bool:
+    """Whether a checkpoint of another geometry loads as a universal one (ZeRO >= 1; ZeRO-0 loads as it is)."""
     return reshaped and cfg.train.zero_stage > 0
 
 
@@ -158,7 +157,7 @@ def prepare_dir(cfg: Config, ckpt_dir: Path, world_size: int) -> None:
     if changed:
         raise ValueError(f"checkpoint {ckpt_dir / tag} cannot be resumed with this config; "
                          f"changed: {'; '.join(changed)}. Set train.resume=never (or a new run name) to start fresh")
-    if needs_universal(cfg, ckpt_dir, world_size):
+    if loads_as_universal(cfg, resumed_progress(ckpt_dir, world_size)[1]):
         meta = read_json(ckpt_dir / tag / "meta.json", "checkpoint record")
         print(f"train: checkpoint {tag} was written by {meta['world_size']} ranks; converting it for "
               f"{world_size} (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)

@@ -190,7 +190,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     prior_stream = open_prior(cfg, latent_dir, world, progress.get("prior_origin"))
     prior_count = cfg.data.prior.per_micro_batch(t.micro_batch) if prior_stream else 0
 
-    universal = reshaped and t.zero_stage > 0
+    universal = checkpoints.loads_as_universal(cfg, reshaped)
     engine, lr_sched = build_engine(cfg, unet, world.size, run_dir, device, stream.shapes, load_universal=universal)
     ema = TrainingEMAs(cfg, engine, world.rank, world.size)
     lora = t.mode == "lora"
@@ -210,7 +210,7 @@ def train(cfg: Config, latent_dir: Path, model_dir: Path, run_dir: Path) -> dict
     prior = PriorPart(prior_stream, prior_position, prior_count, cfg.data.prior.loss_weight) if prior_stream else None
     batches = stream.batches(position, t.micro_batch - prior_count, pin=device.type == "cuda", prior=prior)
     nulls = tuple(None if n is None else n.to(device) for n in (stream.null_text, stream.null_pooled))
-    global_batch = t.micro_batch * t.grad_accum * world.size
+    global_batch = checkpoints.global_batch(cfg, world.size)
     engine.train()
     started = window_start = time.time()
     last_loss, grad_norm, saved_at, save_s = log.resumed_loss, None, -1, None
