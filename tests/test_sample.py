@@ -140,6 +140,9 @@ def test_grids_base_comparison_checkpoints_and_metrics(built, trained, tmp_path)
         logits = model(**inputs)
     expected = float((100 * logits.logits_per_image.diagonal() / model.logit_scale.exp()).clamp(min=0).mean())
     assert len(pngs) == 4 and metrics["clip_score"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    # CLIP's spread against the held-out real digits of each prompt's caption, for the run and the base
+    assert metrics["clip_real_images"] > 0 and set(metrics["clip_spread_per_prompt"]) == set(prompts)
+    assert "clip_spread" in metrics["base"] and metrics["base"]["clip_sample_spread"] != metrics["clip_sample_spread"]
 
 
 def test_checkpoint_that_was_not_kept_is_a_clear_error(built, trained, tmp_path):
@@ -224,3 +227,28 @@ def test_spread_is_near_one_for_real_digits_and_falls_as_samples_collapse():
     spreads = real["digit_real_spread_per_digit"]
     assert min(spreads, key=spreads.get) == "0" and max(spreads, key=spreads.get) == "1"
     assert all(0.8 <= v <= 1.25 for v in real["digit_spread_per_prompt"].values()), real["digit_spread_per_prompt"]
+
+
+def test_clip_spread_is_near_one_for_real_images_and_falls_as_samples_collapse(built, tmp_path):
+    """clip_spread / precision / recall (workflow/metrics.py), the measure for data other than the
+    digits, in a CLIP model's image space: real digits sampled against other real digits of their
+    caption score about 1, each prompt's images collapsing onto one score 0 with the recall down, and
+    captions unique to one image give no per-prompt reference, said as such. Bugs caught: a spread
+    that does not see a repeated image, references taken from other captions (a collapsed prompt
+    would still score against the pooled variety), a ratio silently written where it has no reference."""
+    from workflow.metrics import clip_spread
+
+    clip = str(tiny_clip(built, tmp_path / "clip"))
+    images, prompts = real_digits(8, seed=1)
+    real, captions = real_digits(8, seed=2)
+    cpu = torch.device("cpu")
+    same = clip_spread(images, prompts, real, captions, clip, cpu)
+    assert 0.8 <= same["clip_spread"] <= 1.25 and same["clip_precision"] >= 0.7 and same["clip_recall"] >= 0.7, same
+    assert set(same["clip_spread_per_prompt"]) == set(prompts) and same["clip_real_images"] == 80
+    collapsed = clip_spread([images[i - i % 8] for i in range(len(images))], prompts, real, captions, clip, cpu)
+    assert collapsed["clip_spread"] == 0 and collapsed["clip_sample_spread"] == 0
+    assert collapsed["clip_recall"] < same["clip_recall"] / 2, (collapsed, same)
+    unique = clip_spread(images, prompts, real, [f"photo {i}" for i in range(len(real))], clip, cpu)
+    assert unique["clip_spread"] is None and "no prompt has two or more real images" in unique["clip_spread_skipped"]
+    assert unique["clip_sample_spread"] == pytest.approx(same["clip_sample_spread"]) and "clip_recall" not in unique
+    assert clip_spread(images, prompts, real, captions, None, cpu)["clip_spread_skipped"] == "sample.clip_model is not set"

@@ -170,15 +170,16 @@ def resolve(cfg: Config, hw: Hardware, family: Family | None, resolution: int | 
                 "the digits' accuracy kept with their variety (docs/sampling.md)" if d is DEMO_DEFAULTS
                 else "this project's default"))
         if t.gradient_checkpointing == AUTO:
-            choose("train", "gradient_checkpointing", d.gradient_checkpointing, f"{family_name}: measured with it "
-                   f"{'on' if d.gradient_checkpointing else 'off'} at its micro-batch")
+            choose("train", "gradient_checkpointing", d.gradient_checkpointing, f"{family_name}: " + (
+                d.unmeasured or f"measured with it {'on' if d.gradient_checkpointing else 'off'} at its micro-batch"))
         if cfg.cache.batch_size == AUTO:
             choose("cache", "batch_size", d.cache_batch, f"{family_name}: images per VAE forward")
         res = cfg.cache.resolution if cfg.cache.resolution != AUTO else resolution
         if t.micro_batch == AUTO and (res or tiny):
             mb = d.micro_batch if tiny else scaled_micro_batch(d, res)
             choose("train", "micro_batch", mb, "the CPU demo's" if tiny else
-                   f"{family_name}: {d.micro_batch} at {d.reference_resolution} px on one 80 GB GPU (BENCHMARKS.md)"
+                   f"{family_name}: {d.micro_batch} at {d.reference_resolution} px on one 80 GB GPU "
+                   + (f"({d.unmeasured})" if d.unmeasured else "(BENCHMARKS.md)")
                    + (f", scaled by pixels to {res} px" if res > d.reference_resolution else ""))
         if cfg.sample.batch_size == AUTO and (res or not hw.gpu):
             batch, why = sample_batch(cfg, hw, d, res)

@@ -449,7 +449,8 @@ class SampleConfig(Section):
     checkpoints: list[int | Literal["last"]] = Field(default_factory=list, description="training steps to sample "
                                                      "as a checkpoint x prompt grid, e.g. [500, 1000, last]")
     val_timesteps: int = Field(8, ge=1, description="fixed timesteps per held-out sample in the validation loss")
-    clip_model: str | None = Field(None, description="local CLIP model folder for a CLIP score; null: skipped")
+    clip_model: str | None = Field(None, description="local CLIP model folder for a CLIP score and the samples' spread, precision "
+                                    "and recall in CLIP's image space; null: skipped")
     prompt_digits: dict[str, int] = Field(
         default_factory=dict, description="the digit each listed prompt should draw when it names none, for "
         "digit_accuracy: a DreamBooth token's prompt, e.g. {'a photo of sks': 7}")

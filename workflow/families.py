@@ -66,6 +66,9 @@ class AutoDefaults:
     sample_fixed_gib: float | None = None
     sample_per_image_gib: float | None = None
     sample_max_batch: int = 1
+    # Where micro_batch and gradient_checkpointing are not measured figures: why they are what they are
+    # (shown as the reason of the `auto` choice instead of "measured").
+    unmeasured: str | None = None
     lr_schedule: str = "constant"
     guidance_scale: float = 4.0  # sample.guidance_scale auto
     # train.steps auto for the tiny builtins: this many samples seen (their data are the digits)

@@ -218,10 +218,14 @@ class FluxFamily(Family):
 
 # diffusers' examples/dreambooth/README_flux.md trains FLUX.1-dev LoRA at 1e-4 (AdamW); for a full
 # fine-tune SD's full rate, 1e-5 (no FLUX figure of ours yet). Micro-batch 1 at 1024 px with every block
-# recomputed: what a full fine-tune's activations leave room for on one card (not measured here yet).
+# recomputed: what a full fine-tune's activations leave room for on one card; not yet measured through
+# the stage (issue 48's plain loop on one H100, LoRA rank 16: 46.9 GB at micro-batch 1 without
+# recomputation, 31.6 GB at 4 with it).
 FLUX_DEFAULTS = AutoDefaults(lr_full=1e-5, lr_lora=1e-4, lr_source="diffusers' README_flux (LoRA); SD's full rate",
                              micro_batch=1, reference_resolution=1024, gradient_checkpointing=True, compile=False,
-                             cache_batch=8, parameters_b=11.9, lora_precision="bf16")
+                             cache_batch=8, parameters_b=11.9, lora_precision="bf16",
+                             unmeasured="not yet measured through the stage: every block recomputed at micro-batch 1, "
+                             "what a full fine-tune's activations leave room for on one card")
 
 FLUX = FluxFamily("flux", "flux-1-dev", "https://github.com/black-forest-labs/flux",
                   (TextEncoderLayout("text_encoder", "tokenizer", "text_encoders.clip_l.transformer.", False,

@@ -20,6 +20,16 @@ Beside it `digit_precision` / `digit_recall` (Kynkäänniemi et al. 2019, k = 3)
 inside the k-nearest-neighbour balls of the real digits (they look like real ones), and the share of
 real digits inside the images' balls (the real variety the images cover), against as many real digits
 of each class as there are images asking for it, drawn with a fixed seed.
+
+`clip_spread`, `clip_precision`, `clip_recall`: the same three in CLIP's image-embedding space (unit
+vectors), for any data, when `sample.clip_model` is set. The reference is the real images of the
+cache (the held-out ones; a data set that holds none out: its first training images), decoded by the
+VAE as training saw them. A prompt's spread needs at least two real images with that prompt as
+their caption (a DreamBooth instance caption, a class of the digits); captions unique to one image
+(most captioned data) give no per-prompt reference, and `clip_spread_skipped` says so. Precision
+and recall compare the images of the prompts that have real images with all those real images.
+`clip_sample_spread` (the mean pairwise distance of one prompt's images, averaged over prompts) is
+always written: an absolute figure, comparable with `base` and across runs on one data set.
 """
 
 from __future__ import annotations
@@ -111,6 +121,24 @@ def covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray) -> np.nd
     return (d <= radii[None]).any(axis=1)
 
 
+def spread_scores(prefix: str, x: np.ndarray, by_prompt: dict[str, list[int]], reference: dict[str, np.ndarray],
+                  pool: np.ndarray, k: int) -> dict:
+    """{prefix}_spread (mean over prompts) and _spread_per_prompt: the mean pairwise distance of a
+    prompt's rows of `x` over that of its `reference` rows (prompts with two or more of each);
+    {prefix}_precision / _recall of all those rows against `pool` with k-NN balls (both above k rows)."""
+    per_prompt = {p: mean_pairwise_distance(x[idx]) / mean_pairwise_distance(reference[p])
+                  for p, idx in by_prompt.items() if len(idx) >= 2 and len(reference.get(p, ())) >= 2}
+    result: dict = {}
+    if per_prompt:
+        result |= {f"{prefix}_spread": float(np.mean(list(per_prompt.values()))), f"{prefix}_spread_per_prompt": per_prompt}
+    generated = x[[i for p, idx in by_prompt.items() if p in reference for i in idx]]
+    if len(generated) > k and len(pool) > k:
+        result |= {f"{prefix}_precision": float(covered(generated, pool, knn_radii(pool, k)).mean()),
+                   f"{prefix}_recall": float(covered(pool, generated, knn_radii(generated, k)).mean()),
+                   f"{prefix}_knn_k": k}
+    return result
+
+
 def digit_spread(images: list[Image.Image], prompts: list[str], prompt_digits: dict[str, int] | None = None,
                  k: int = 3, seed: int = 0) -> dict | None:
     """Spread per prompt and overall (the mean over prompts), precision and recall (module docstring);
@@ -118,23 +146,17 @@ def digit_spread(images: list[Image.Image], prompts: list[str], prompt_digits: d
     wanted = [(prompt_digits or {}).get(p, prompt_digit(p)) for p in prompts]
     keep = [i for i, d in enumerate(wanted) if d is not None]
     by_prompt = {p: [i for i in keep if prompts[i] == p] for p in dict.fromkeys(prompts[i] for i in keep)}
-    by_prompt = {p: idx for p, idx in by_prompt.items() if len(idx) >= 2}
-    if not by_prompt:
+    if all(len(idx) < 2 for idx in by_prompt.values()):
         return None
     clf = digit_classifier()
-    x = digit_features(images)
-    real_spread = {d: mean_pairwise_distance(clf.features[clf.labels == d]) for d in set(wanted) - {None}}
-    per_prompt = {p: mean_pairwise_distance(x[idx]) / real_spread[wanted[idx[0]]] for p, idx in by_prompt.items()}
+    digits = sorted(set(wanted) - {None})
+    real_of = {d: clf.features[clf.labels == d] for d in digits}
     rng = np.random.default_rng(seed)
-    real = np.concatenate([clf.features[rng.choice(np.flatnonzero(clf.labels == d), sum(wanted[i] == d for i in keep),
-                                                   replace=False)] for d in sorted(set(wanted) - {None})])
-    generated = x[keep]
-    result = {"digit_spread": float(np.mean(list(per_prompt.values()))), "digit_spread_per_prompt": per_prompt,
-              "digit_real_spread_per_digit": {str(d): v for d, v in sorted(real_spread.items())}}
-    if len(keep) > k:
-        result |= {"digit_precision": float(covered(generated, real, knn_radii(real, k)).mean()),
-                   "digit_recall": float(covered(real, generated, knn_radii(generated, k)).mean()), "digit_knn_k": k}
-    return result
+    pool = np.concatenate([real_of[d][rng.choice(len(real_of[d]), sum(wanted[i] == d for i in keep), replace=False)]
+                           for d in digits])
+    reference = {p: real_of[wanted[idx[0]]] for p, idx in by_prompt.items()}
+    return (spread_scores("digit", digit_features(images), by_prompt, reference, pool, k)
+            | {"digit_real_spread_per_digit": {str(d): mean_pairwise_distance(real_of[d]) for d in digits}})
 
 
 @torch.no_grad()
@@ -168,16 +190,28 @@ def validation_loss(model, objective, family, samples: list[dict], scaling: tupl
     return float(torch.cat(losses).mean())
 
 
-def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str | None, device: torch.device) -> dict:
-    """{"clip_score": ...} or, with no usable CLIP model, {"clip_score": None, "clip_score_skipped": why}."""
-    if not clip_model:
-        return {"clip_score": None, "clip_score_skipped": "sample.clip_model is not set"}
-    if not Path(clip_model).is_dir():
-        return {"clip_score": None, "clip_score_skipped": f"no CLIP model folder at {clip_model}"}
+@cache
+def load_clip(clip_model: str, device: torch.device):
+    """(CLIPModel, CLIPProcessor) from a local folder, once per process (score and spread share it)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(clip_model).to(device).eval()
-    processor = CLIPProcessor.from_pretrained(clip_model)
+    return CLIPModel.from_pretrained(clip_model).to(device).eval(), CLIPProcessor.from_pretrained(clip_model)
+
+
+def clip_unusable(clip_model: str | None) -> str | None:
+    if not clip_model:
+        return "sample.clip_model is not set"
+    if not Path(clip_model).is_dir():
+        return f"no CLIP model folder at {clip_model}"
+    return None
+
+
+def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str | None, device: torch.device) -> dict:
+    """{"clip_score": ...} or, with no usable CLIP model, {"clip_score": None, "clip_score_skipped": why}."""
+    why = clip_unusable(clip_model)
+    if why:
+        return {"clip_score": None, "clip_score_skipped": why}
+    model, processor = load_clip(clip_model, device)
     scores = []
     with torch.no_grad():
         for start in range(0, len(images), 32):
@@ -188,6 +222,39 @@ def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str | 
                                                               attention_mask=inputs["attention_mask"])), dim=-1)
             scores.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
     return {"clip_score": float(torch.cat(scores).mean()), "clip_model": clip_model}
+
+
+@torch.no_grad()
+def clip_image_features(images: list[Image.Image], clip_model: str, device: torch.device) -> np.ndarray:
+    """CLIP's projected image embeddings, unit length, as float64 rows."""
+    model, processor = load_clip(clip_model, device)
+    out = [F.normalize(_embeds(model.get_image_features(
+        pixel_values=processor(images=images[start : start + 32], return_tensors="pt")["pixel_values"].to(device))), dim=-1)
+           for start in range(0, len(images), 32)]
+    return torch.cat(out).double().cpu().numpy()
+
+
+def clip_spread(images: list[Image.Image], prompts: list[str], real_images: list[Image.Image], real_captions: list[str],
+                clip_model: str | None, device: torch.device, k: int = 3) -> dict:
+    """The spread, precision and recall of the images in CLIP's image space against the real images
+    whose caption is their prompt (module docstring); the skipped parts say why."""
+    why = clip_unusable(clip_model)
+    if why:
+        return {"clip_spread": None, "clip_spread_skipped": why}
+    x = clip_image_features(images, clip_model, device)
+    by_prompt = {p: [i for i, q in enumerate(prompts) if q == p] for p in dict.fromkeys(prompts)}
+    result = {"clip_sample_spread": float(np.mean([mean_pairwise_distance(x[idx]) for idx in by_prompt.values()
+                                                   if len(idx) >= 2] or [np.nan]))}
+    wanted = [i for i, c in enumerate(real_captions) if c in by_prompt]
+    real = clip_image_features([real_images[i] for i in wanted], clip_model, device) if wanted else np.zeros((0, 1))
+    reference = {p: real[[j for j, i in enumerate(wanted) if real_captions[i] == p]] for p in by_prompt}
+    reference = {p: rows for p, rows in reference.items() if len(rows)}
+    result |= spread_scores("clip", x, by_prompt, reference, real, k)
+    if "clip_spread" not in result:
+        result |= {"clip_spread": None, "clip_spread_skipped":
+                   f"no prompt has two or more real images with it as their caption (of {len(real_captions)} real "
+                   f"images, {len(wanted)} have a prompt's caption): a prompt's spread has no reference"}
+    return result | {"clip_real_images": len(wanted)}
 
 
 def _embeds(out) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .config import AUTO, DIGIT_PROMPTS, Config
 from .fsutil import atomic_dir, read_json, write_json
 from .gpu_memory import cap_gpu_memory, peak_gpu_memory
 from .latents import decode_latent_sample, read_verified_shard, validation_samples
-from .metrics import clip_score, digit_accuracy, digit_spread, validation_loss
+from .metrics import clip_score, clip_spread, clip_unusable, digit_accuracy, digit_spread, validation_loss
 from .families import family_of, family_of_pipeline
 from .models import check_model_dir, latent_scaling, load_pipeline as load_family_pipeline
 
@@ -197,6 +197,18 @@ def digit_scores(images: list[Image.Image], prompts: list[str], prompt_digits: d
     return (digit_accuracy(images, prompts, prompt_digits) or {}) | (digit_spread(images, prompts, prompt_digits) or {})
 
 
+REAL_IMAGES = 64  # the real images CLIP's spread compares with, where the data set holds none out
+
+
+def real_images(pipe, cfg: Config, latent_dir: Path | None) -> tuple[list[Image.Image], list[str]]:
+    """The cache's real images, decoded as training saw them, and their captions (the held-out ones;
+    else the first training images)."""
+    if latent_dir is None or clip_unusable(cfg.sample.clip_model):
+        return [], []
+    samples = reference_samples(cfg, latent_dir, REAL_IMAGES)
+    return [reference_image(pipe, sample) for sample in samples], [sample["meta"]["captions"][0] for sample in samples]
+
+
 def scores_digits(cfg: Config) -> bool:
     """digit_accuracy is computed where the data are digits (or a prompt is given a digit to draw)."""
     digits = (*DIGIT_SOURCES, "builtin:sevens")
@@ -243,6 +255,8 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
                          or {}).get("digit_accuracy")
             for w, h in sizes}
     metrics |= clip_score([images[j] for j in jobs], prompts, s.clip_model, device)
+    real, real_captions = real_images(pipe, cfg, latent_dir)
+    metrics |= clip_spread([images[j] for j in jobs], prompts, real, real_captions, s.clip_model, device)
     row_jobs = [[j for j in jobs if j[0] == pi] for pi in range(len(s.prompts))]  # sizes x seeds, in order
     rows = [[images[j] for j in row] for row in row_jobs]
     columns = [f"seed {seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
@@ -261,6 +275,9 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         metrics["base"] = {"val_loss": validate(base, device)}
         if scores_digits(cfg):
             metrics["base"] |= digit_scores([base_images[j] for j in jobs], prompts, s.prompt_digits)
+        if not clip_unusable(s.clip_model):
+            metrics["base"] |= clip_spread([base_images[j] for j in jobs], prompts, real, real_captions, s.clip_model,
+                                           device)
         rows = [row + [base_images[j] for j in row_job] for row, row_job in zip(rows, row_jobs)]
         columns += [f"base s{seed}" + (f" {w}x{h}" if len(sizes) > 1 else "") for _, seed, (w, h) in row_jobs[0]]
         del base
@@ -281,7 +298,7 @@ def sample(cfg: Config, model_dir: Path, out: Path, base_model: Path | None = No
         if checkpoint_grid:
             checkpoint_grid.save(tmp / "checkpoints.png")
         write_json(tmp / "metrics.json", metrics)
-    summary = [f"{k} {metrics[k]:.4f}" for k in ("val_loss", "digit_accuracy", "digit_spread", "clip_score") if metrics.get(k) is not None]
+    summary = [f"{k} {metrics[k]:.4f}" for k in ("val_loss", "digit_accuracy", "digit_spread", "clip_score", "clip_spread") if metrics.get(k) is not None]
     print(f"sample: {len(images)} images -> {out}; " + ", ".join(summary))
     return metrics
 
