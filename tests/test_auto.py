@@ -62,8 +62,6 @@ def test_a_real_model_gets_its_familys_settings_not_the_demos():
     assert resolved(sd, ONE_H100, "sd2", 768).train.micro_batch == 28
     # FLUX's GPU micro-batch and recomputation are not measured through the stage yet: the reasons the
     # dry-run prints say so (bug caught: "measured" and "BENCHMARKS.md" cited for figures nobody took)
-    import workflow.flux  # noqa: F401  (registers the family)
-
     why = {c.key: c.why for c in resolve(cfg("model.pretrained=/models/flux-dev", "train.mode=lora"), ONE_H100, FAMILIES["flux"], 1024)[1]}
     assert "not yet measured" in why["train.micro_batch"] and "BENCHMARKS" not in why["train.micro_batch"]
     assert "not yet measured" in why["train.gradient_checkpointing"], why
