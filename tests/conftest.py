@@ -336,6 +336,34 @@ def op_build_logs() -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in Path(get_default_build_root()).glob("*/*/.ninja_log")}
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k deselected: the order of what runs
+def pytest_collection_modifyitems(config, items):
+    """The tests marked `long(minutes)` first, each worker's longest in front of its share.
+    pytest-xdist's worksteal deals each worker a contiguous share of this order and lets an idle one
+    steal from the end of another's queue only: a long test that comes late runs alone at the end.
+    (.ci/run: the bucketed SDXL run, 8 minutes, started after the 31-minute default run on the same
+    worker while the other sat idle.) Long tests go to the least-loaded share, longest first; the
+    rest fill the shares in their own order, behind them, where an idle worker can steal them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    long = sorted((i for i in items if i.get_closest_marker("long")), key=lambda i: -i.get_closest_marker("long").args[0])
+    if workers < 2 or not long:
+        return
+    sizes, left = [], len(items)
+    for k in range(workers):  # what worksteal deals: each worker in turn an equal part of what is left
+        sizes.append(left // (workers - k))
+        left -= sizes[-1]
+    shares: list[list] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for item in long:
+        k = min((k for k in range(workers) if len(shares[k]) < sizes[k]), key=lambda k: load[k])
+        shares[k].append(item)
+        load[k] += item.get_closest_marker("long").args[0]
+    rest = iter(i for i in items if not i.get_closest_marker("long"))
+    for share, size in zip(shares, sizes):
+        share.extend(next(rest) for _ in range(size - len(share)))
+    items[:] = [item for share in shares for item in share]
+
+
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
         import tempfile
@@ -357,6 +385,20 @@ def pytest_sessionfinish(session, exitstatus):
     if rebuilt:
         print(f"\nDeepSpeed ops recompiled during the tests (workflow/build_ops.py use_environment_ninja): {rebuilt}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# An empty config: Slurm's commands fail at once (a missing file makes them retry for a minute).
+NO_CLUSTER = "/dev/null"
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_outside_the_slurm_suite(request, monkeypatch):
+    """Every test but the Slurm suite's runs as on a machine without a Slurm cluster: the dry-runs of
+    the README's Slurm lines check the profile's site settings with sinfo, which the Slurm suite's
+    test cluster (started beside them in .ci/run, or left running on a developer's machine) would
+    answer, refusing the placeholder partition. Slurm's commands read SLURM_CONF first."""
+    if request.node.get_closest_marker("slurm") is None:
+        monkeypatch.setenv("SLURM_CONF", NO_CLUSTER)
 
 
 @pytest.fixture

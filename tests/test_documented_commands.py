@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,6 +94,20 @@ def test_ci_runs_the_documented_test_commands():
             run.update(words[2:])
     for target in ("install", "test", "test-e2e", "test-faults", "test-slurm", "test-flux", "test-geometry"):
         assert target in run, f"make {target} not in .ci/run"
+
+
+def test_long_e2e_tests_start_first_on_each_worker():
+    """The order pytest-xdist deals to `make test-e2e`'s two workers (tests/conftest.py): the default
+    run alone at the head of one share, the other long runs at the head of the other. Bug caught: the
+    order computed before -m deselected (on every test), or not at all: the bucketed SDXL run then
+    started after the 31-minute default run, alone at the end of .ci/run."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "e2e", "--collect-only", "-q", "-p", "no:xdist"],
+                          cwd=REPO, capture_output=True, text=True, env=os.environ | {"PYTEST_XDIST_WORKER_COUNT": "2"})
+    order = [line.split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
+    half = len(order) // 2
+    assert order[0] == "test_default_run_as_the_readme_shows" and len(order) == 9, proc.stdout
+    assert order[half] == "test_sdxl_shaped_bucketed_run_as_the_readme_shows", order
+    assert not any(name.startswith(("test_dreambooth", "test_pokemon", "test_snakemake_killed")) for name in order[:half])
 
 
 # ---------------------------------------------------------------- inputs for placeholder paths
@@ -388,6 +403,22 @@ def test_stage_modules_by_hand(tmp_path):
 
 
 @runs("source .venv/bin/activate", "pip install wandb")
+def test_installed_modules_are_byte_compiled():
+    """Bug caught: `make install` leaving the venv without .pyc files. Where PYTHONDONTWRITEBYTECODE is
+    set (CI machines) Python never saves what it compiles, so every stage process compiled torch,
+    diffusers and transformers from source again: `import diffusers` 9.1 s of CPU instead of 3.8."""
+    import importlib.util
+
+    import deepspeed
+    import diffusers
+    import torch._dynamo
+    import transformers
+
+    for module in (torch, torch._dynamo, diffusers, transformers, deepspeed):
+        compiled = Path(importlib.util.cache_from_source(module.__file__))
+        assert compiled.is_file(), f"{module.__name__} has no {compiled.name}: run `make bytecode`"
+
+
 def test_venv_setup_lines(tmp_path):
     """What the tests' shell is: the venv's bin first on PATH, as `activate` makes it."""
     activate = Path(user_env()["VIRTUAL_ENV"]) / "bin" / "activate"
@@ -409,6 +440,7 @@ BY_HAND_TRAIN = ("python -m workflow.train --config config.yaml --set train.step
 
 
 @pytest.mark.e2e
+@pytest.mark.long(31)
 @runs("make run", "snakemake --cores all", "snakemake --report report.html", "snakemake --cores all --forcerun train",
       BY_HAND_TRAIN, SMALL_DATA_DEMO)
 def test_default_run_as_the_readme_shows(tmp_path):
@@ -499,6 +531,7 @@ XL_BUCKETS_COMMAND = ("snakemake --cores all --config model__pretrained=builtin:
 
 
 @pytest.mark.e2e
+@pytest.mark.long(8)
 @runs(XL_BUCKETS_COMMAND)
 def test_sdxl_shaped_bucketed_run_as_the_readme_shows(tmp_path):
     """The README's SDXL-path command with buckets trains an SDXL-family model through every stage on
@@ -566,6 +599,7 @@ def tiny_repo(tmp_path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.long(8)
 @runs("snakemake --unlock", "snakemake --cores all --config ema__target_sigma_rel=0.08 --forcerun ema")
 def test_snakemake_killed_mid_train_then_unlock_and_rerun(tiny_repo, tmp_path):
     """SIGKILL to Snakemake alone (as `kill -9 <pid>`): training sees its parent go, saves and stops;

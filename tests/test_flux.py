@@ -363,6 +363,7 @@ def test_block_compile_gives_one_graph_per_block_class_and_eager_results(monkeyp
 
 
 @pytest.mark.flux
+@pytest.mark.long(12)
 @runs(TINY_FLUX, TINY_FLUX_BUCKETS)
 @pytest.mark.parametrize("command, run_name, steps, sizes", [
     (TINY_FLUX, "digits-flux", 300, None), (TINY_FLUX_BUCKETS, "digits-flux-buckets", 450, ("48x32", "32x48"))],

@@ -288,6 +288,7 @@ def stand_ins(built, tmp_path_factory, users) -> dict[str, Path]:
 
 
 @pytest.mark.e2e
+@pytest.mark.long(6)
 def test_pokemon_example_runs_end_to_end_on_the_cpu(stand_ins, tmp_path):
     """The README's Pokémon line as written (tiny stand-ins, 12 steps): every stage runs, the samples
     are the data set's own captions, each row beside its image, and the files for other tools load."""
@@ -307,6 +308,7 @@ def test_pokemon_example_runs_end_to_end_on_the_cpu(stand_ins, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.long(8)
 def test_dreambooth_runs_end_to_end_on_the_cpu(stand_ins, tmp_path):
     """The README's DreamBooth line as written (tiny stand-ins, 10 steps): 100 class images are
     sampled from the base model, cached beside the subject's, and mixed into training; a second run

@@ -294,10 +294,11 @@ class TrainConfig(Section):
         "blocks as train.gradient_checkpointing does; null: torch's default (1)")
     compile_scope: Literal["model", "blocks"] = Field(
         "model", description="with train.compile, what is compiled: model: the denoiser's whole forward (one "
-        "graph: the fastest steady state measured for SD 1.5); blocks: each repeated block's forward (the "
-        "family's block list), sibling blocks of one class sharing a graph, so compiling costs one graph per "
-        "block class instead of the whole model (FLUX.1's 57 blocks: three graphs a shape, its first single-stream "
-        "block seeing its input with other strides)")
+        "graph: the fastest steady state measured for SD 1.5); blocks: each repeated block's forward (regional "
+        "compilation: the classes diffusers lists in the model's _repeated_blocks, and a UNet's resnets), "
+        "sibling blocks of one class and shape sharing a graph, so compiling costs one graph per block class and "
+        "shape instead of the whole model (FLUX.1's 57 blocks: three graphs a shape, its first single-stream "
+        "block seeing its input with other strides); what lies between the blocks runs eagerly")
     compile_shapes: Literal["auto", "dynamic", "per_bucket"] = Field(
         "per_bucket", description="with aspect-ratio buckets, how the compiled UNet meets several latent shapes: "
         "dynamic: one graph with symbolic sizes; per_bucket: one static graph per shape (Dynamo's recompile "

@@ -122,12 +122,23 @@ def build_engine(cfg: Config, unet: torch.nn.Module, world_size: int, run_dir: P
 
 
 def compiled_blocks(model: torch.nn.Module, scope: str) -> list[str] | None:
-    """The submodules train.compile_scope compiles one by one (None: the whole forward)."""
+    """The submodules train.compile_scope compiles one by one (None: the whole forward): every module
+    of a class the model declares repeated (diffusers' `_repeated_blocks`, what its
+    compile_repeated_blocks compiles: the UNet's BasicTransformerBlock, FLUX's two block classes),
+    and the family's own additions (the UNet's ResnetBlock2D); the outermost where they nest."""
     if scope == "model":
         return None
     from .families import family_of_denoiser
 
-    return family_of_denoiser(model).blocks(model.config)
+    classes = set(getattr(type(model), "_repeated_blocks", None) or ()) | set(family_of_denoiser(model).compiled_regions)
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in classes and not any(name.startswith(outer + ".") for outer in names):
+            names.append(name)
+    if not names:
+        raise ValueError(f"train.compile_scope: blocks: a {type(model).__name__} has no module of the classes "
+                         f"{sorted(classes)} to compile; set train.compile_scope: model")
+    return names
 
 
 def use_compile_cache(folder: str | None) -> None:

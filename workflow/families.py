@@ -103,6 +103,10 @@ class Family:
     # The dtype cache and sample run the model in on a GPU: fp16 for SD (its VAE's force_upcast
     # aside); bf16 for FLUX, whose T5 and transformer overflow in fp16 (both were trained in bf16).
     gpu_dtype: str = "fp16"
+    # Block classes train.compile_scope: blocks compiles beside the model's own `_repeated_blocks`
+    # (diffusers lists only the UNet's transformer blocks; its resnets, where GroupNorm + SiLU + conv
+    # fuse, repeat as much: SDXL's 22 share about ten shapes).
+    compiled_regions: tuple[str, ...] = ("ResnetBlock2D",)
     # ModelSpec architecture suffix by prediction type (SD 2.x: -768-v or -512)
     modelspec_suffixes: dict = field(default_factory=dict)
 

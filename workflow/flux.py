@@ -122,6 +122,7 @@ class FluxFamily(Family):
     lora_keys: str = "peft"
     gpu_dtype: str = "bf16"
     default_sampler: str = "flow-euler"
+    compiled_regions: tuple[str, ...] = ()  # its `_repeated_blocks` are all its blocks
 
     def blocks(self, config: dict) -> list[str]:
         return ([f"transformer_blocks.{i}" for i in range(config.get("num_layers", 19))]
