@@ -1,4 +1,4 @@
-# make install: .venv with the pinned dependencies and the project, DeepSpeed's CPU ops compiled (idempotent)
+# make install: .venv with the pinned dependencies and the project, byte-compiled, DeepSpeed's CPU ops compiled (idempotent)
 # make run:     install + run the pipeline on config.yaml
 # make test:    install + the test suite (two workers; TEST_WORKERS=1 for one)
 # make test-e2e: the default run through Snakemake as the README shows it, Snakemake killed mid-run, SD 1.5 layouts
